@@ -1,1 +1,297 @@
-"""(being written)"""
+"""AMAD: attention-map alignment distillation (spec sections 2 and 3).
+
+Each Teacher head is matched to a soft mixture of *all* Student heads, so the
+loss works for any pair of head counts ``H_t``, ``H_s``. Per sample, with ``T``
+(``H_t x n``) and ``S`` (``H_s x n``) the flattened maps, ``n = q*k``:
+
+* ``"mse"`` (variant 1): ``T^ = rownorm2(T)``, ``S^ = rownorm2(S)``,
+  ``A = softmax_j(T^ S^^T / temperature)``, ``M^ = rownorm2(A S^)``,
+  element loss ``(T^ - M^)^2``.
+* ``"kl"`` (variant 2): rows L1-normalised, ``A = softmax_j(T S^T / temperature)``
+  (``alignment="l1"``, the paper) or the cosine ``W`` of variant 1
+  (``alignment="cosine"``), ``M = A S``; ``T`` and ``M`` are then read as
+  ``H_t*q`` distributions over the ``k`` keys, each L1-normalised, and compared
+  by ``(t+eps) * (log(t+eps) - log(m+eps))``.
+* ``"token"`` (variant 4): for every query row ``l`` separately, the rows
+  ``T_l`` (``H_t x k``) and ``S_l`` (``H_s x k``) are L1-normalised (a no-op for
+  unmasked probability rows), ``A_l = softmax_j(T_l S_l^T / temperature)``,
+  ``M_l = A_l S_l``, L1-normalised, KL elements as in variant 2.
+* ``"s2t"``: variant 1 with the roles swapped (each Student head is explained
+  by a mixture of Teacher heads); its elements span ``H_s`` heads.
+* ``ProjectedAMAD`` (variant 3): a learnable ``ReLU(S W^T + b)`` on the
+  Student's flattened maps, then variant 2.
+
+Half-precision inputs are computed in float32 and returned in their dtype.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._common import (
+    apply_mask,
+    check_maps,
+    check_reduction,
+    kl_elements,
+    reduce_per_sample,
+    rownorm1,
+    rownorm2,
+    valid_counts,
+)
+from .base import AttentionLoss
+from .registry import register
+
+__all__ = ["amad", "alignment_matrix", "AMADMSELoss", "AMADKLLoss", "AMADTokenLoss", "AMADS2TLoss", "ProjectedAMAD"]
+
+#: Alignment similarities each variant accepts; the first one is its default.
+ALIGNMENTS: dict[str, tuple[str, ...]] = {
+    "mse": ("cosine",),
+    "kl": ("l1", "cosine"),
+    "token": ("l1", "cosine"),
+    "s2t": ("cosine",),
+}
+VARIANTS = tuple(ALIGNMENTS)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_options(
+    variant: str, *, reduction: str, alignment: str | None, temperature: float, eps: float, name: str = "amad"
+) -> str:
+    """Validate the options of an AMAD variant; return the alignment to use."""
+    if variant not in ALIGNMENTS:
+        raise ValueError(f"{name}: unknown variant {variant!r}; choose one of {VARIANTS} (variant 3 is ProjectedAMAD)")
+    check_reduction(reduction, name=name)
+    choices = ALIGNMENTS[variant]
+    alignment = choices[0] if alignment is None else alignment
+    if alignment not in choices:
+        raise ValueError(f"{name}: alignment {alignment!r} is not available for variant {variant!r}; choose one of {choices}")
+    for label, value in (("temperature", temperature), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{name}: {label} must be a finite number > 0; got {value!r}")
+    return alignment
+
+
+def _prepare(teacher: Tensor, student: Tensor, mask: Tensor | None, name: str):
+    """Validate, cast half precision to float32 and zero the masked entries of both maps."""
+    full_mask = check_maps(teacher, student, mask, name=name)
+    out_dtype = torch.promote_types(teacher.dtype, student.dtype)
+    work = torch.float32 if out_dtype in _HALF else out_dtype
+    t = apply_mask(teacher.to(work), full_mask)
+    s = apply_mask(student.to(work), full_mask)
+    return t, s, full_mask, out_dtype
+
+
+def _mixture(rows_t: Tensor, rows_s: Tensor, sim_t: Tensor, sim_s: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``A = softmax_j(sim_t sim_s^T / temperature)`` and the aligned rows ``A rows_s``."""
+    weights = torch.softmax(sim_t @ sim_s.transpose(-1, -2) / temperature, dim=-1)
+    return weights, weights @ rows_s
+
+
+def _mse_elements(t: Tensor, s: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Variant 1 on ``(..., H_t, n)`` and ``(..., H_s, n)``: ``(T^ - rownorm2(A S^))^2`` and ``A``."""
+    t_hat, s_hat = rownorm2(t), rownorm2(s)
+    weights, mixed = _mixture(t_hat, s_hat, t_hat, s_hat, temperature)
+    return (t_hat - rownorm2(mixed)) ** 2, weights
+
+
+def _similarity_rows(x: Tensor, x_l1: Tensor, alignment: str) -> Tensor:
+    return x_l1 if alignment == "l1" else rownorm2(x)
+
+
+def _kl_elements(t: Tensor, s: Tensor, q: int, k: int, alignment: str, temperature: float, eps: float):
+    """Variant 2 on flattened ``(B, H_t, n)``, ``(B, H_s, n)``: KL elements ``(B, H_t, q, k)`` and ``A``."""
+    t_l1, s_l1 = rownorm1(t), rownorm1(s)
+    weights, mixed = _mixture(
+        t_l1, s_l1, _similarity_rows(t, t_l1, alignment), _similarity_rows(s, s_l1, alignment), temperature
+    )
+    shape = (t.shape[0], t.shape[1], q, k)
+    return kl_elements(rownorm1(t_l1.reshape(shape)), rownorm1(mixed.reshape(shape)), eps), weights
+
+
+def _token_elements(t: Tensor, s: Tensor, alignment: str, temperature: float, eps: float):
+    """Variant 4 on ``(B, H, q, k)`` maps: KL elements ``(B, q, H_t, k)`` and ``A`` ``(B, q, H_t, H_s)``."""
+    t_rows, s_rows = t.transpose(1, 2), s.transpose(1, 2)
+    t_l1, s_l1 = rownorm1(t_rows), rownorm1(s_rows)
+    weights, mixed = _mixture(
+        t_l1, s_l1, _similarity_rows(t_rows, t_l1, alignment), _similarity_rows(s_rows, s_l1, alignment), temperature
+    )
+    return kl_elements(t_l1, rownorm1(mixed), eps), weights
+
+
+def _variant_elements(t: Tensor, s: Tensor, variant: str, alignment: str, temperature: float, eps: float):
+    """Element losses laid out as ``(B, H, q, k)`` (H = H_s for s2t, else H_t) and the alignment matrix."""
+    batch, h_t, q, k = t.shape
+    h_s = s.shape[1]
+    flat_t, flat_s = t.reshape(batch, h_t, q * k), s.reshape(batch, h_s, q * k)
+    if variant == "mse":
+        elements, weights = _mse_elements(flat_t, flat_s, temperature)
+        return elements.reshape(t.shape), weights
+    if variant == "s2t":
+        elements, weights = _mse_elements(flat_s, flat_t, temperature)
+        return elements.reshape(s.shape), weights
+    if variant == "kl":
+        return _kl_elements(flat_t, flat_s, q, k, alignment, temperature, eps)
+    elements, weights = _token_elements(t, s, alignment, temperature, eps)
+    return elements.transpose(1, 2), weights
+
+
+def _reduce(elements: Tensor, mask: Tensor | None, reduction: str) -> Tensor:
+    """Sum the ``(B, H, q, k)`` element losses over valid entries and apply the reduction."""
+    batch, heads, q, k = elements.shape
+    if mask is not None:
+        elements = torch.where(mask, elements, torch.zeros((), dtype=elements.dtype, device=elements.device))
+    counts = valid_counts(mask, batch, q * k, elements.device)
+    return reduce_per_sample(elements.sum(dim=(1, 2, 3)), heads, q * k, counts, reduction)
+
+
+def amad(
+    teacher: Tensor,
+    student: Tensor,
+    *,
+    variant: str = "mse",
+    mask: Tensor | None = None,
+    reduction: str = "paper",
+    alignment: str | None = None,
+    temperature: float = 1.0,
+    eps: float = 1e-7,
+) -> Tensor:
+    """AMAD loss between Teacher maps ``(B, H_t, q, k)`` and Student maps ``(B, H_s, q, k)``.
+
+    ``variant``: ``"mse"`` (``sum_i ||T^_i - rownorm2(softmax_j(T^ S^^T) S^)_i||^2``),
+    ``"kl"``, ``"token"`` or ``"s2t"`` (see the module docstring).
+    ``alignment``: similarity inside the softmax, ``"l1"`` (default of kl/token)
+    or ``"cosine"`` (default and only choice of mse/s2t); ``temperature`` divides it.
+    ``mask`` (bool, broadcastable to ``(B, 1, q, k)``, True = valid) zeroes
+    entries of both maps first. ``reduction="paper"``: sum / ``(B * H * n)``;
+    ``"mean"``: per sample sum / ``(H * n_valid)``, averaged over samples.
+    """
+    alignment = check_options(variant, reduction=reduction, alignment=alignment, temperature=temperature, eps=eps)
+    t, s, full_mask, out_dtype = _prepare(teacher, student, mask, name=f"amad({variant})")
+    elements, _ = _variant_elements(t, s, variant, alignment, temperature, eps)
+    return _reduce(elements, full_mask, reduction).to(out_dtype)
+
+
+@torch.no_grad()
+def alignment_matrix(
+    teacher: Tensor,
+    student: Tensor,
+    *,
+    variant: str = "mse",
+    mask: Tensor | None = None,
+    alignment: str | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """The soft alignment ``A`` the loss uses (for inspection and plots), in float32 or wider.
+
+    ``(B, H_t, H_s)`` for mse/kl, ``(B, H_s, H_t)`` for s2t, ``(B, q, H_t, H_s)`` for token.
+    """
+    alignment = check_options(variant, reduction="paper", alignment=alignment, temperature=temperature, eps=1.0)
+    t, s, _, _ = _prepare(teacher, student, mask, name="alignment_matrix")
+    return _variant_elements(t, s, variant, alignment, temperature, 1e-7)[1]
+
+
+class _PresetAMAD(AttentionLoss):
+    """AMAD with a fixed variant; options are checked when the loss is built."""
+
+    variant: str = "mse"
+
+    def __init__(
+        self, *, reduction: str = "paper", alignment: str | None = None, temperature: float = 1.0, eps: float = 1e-7
+    ) -> None:
+        check_options(
+            self.variant, reduction=reduction, alignment=alignment, temperature=temperature, eps=eps,
+            name=type(self).__name__,
+        )
+        super().__init__(reduction=reduction, alignment=alignment, temperature=temperature, eps=eps)
+
+
+@register("amad-mse")
+class AMADMSELoss(_PresetAMAD):
+    """AMAD variant 1 (MSE on L2-normalised maps), the flagship."""
+
+    variant = "mse"
+    map_fn = staticmethod(partial(amad, variant="mse"))
+
+
+@register("amad-kl")
+class AMADKLLoss(_PresetAMAD):
+    """AMAD variant 2 (KL on L1-normalised maps)."""
+
+    variant = "kl"
+    map_fn = staticmethod(partial(amad, variant="kl"))
+
+
+@register("amad-token")
+class AMADTokenLoss(_PresetAMAD):
+    """AMAD variant 4 (alignment per query row, KL)."""
+
+    variant = "token"
+    map_fn = staticmethod(partial(amad, variant="token"))
+
+
+@register("amad-s2t")
+class AMADS2TLoss(_PresetAMAD):
+    """AMAD Student-to-Teacher (variant 1 with the roles swapped); may collapse, not a default."""
+
+    variant = "s2t"
+    map_fn = staticmethod(partial(amad, variant="s2t"))
+
+
+@register("amad-projected")
+class ProjectedAMAD(AttentionLoss):
+    """AMAD variant 3: ``ReLU(S W^T + b)`` on the Student's flattened maps, then variant 2.
+
+    ``n = q*k`` is fixed at construction (``W`` is ``n x n``); maps with another
+    ``q*k`` are an error. ``W`` and ``b`` are ordinary parameters: they belong in
+    the Student's optimizer and checkpoint. Initialised to ``W = I``, ``b = 0``,
+    so that at the start (maps are non-negative, ReLU is then the identity) the
+    loss equals plain variant 2 and training moves it away only if that helps.
+    Masked entries are zeroed before and after the projection.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        reduction: str = "paper",
+        alignment: str | None = None,
+        temperature: float = 1.0,
+        eps: float = 1e-7,
+    ) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"ProjectedAMAD: n (= q*k of the maps) must be a positive int; got {n!r}")
+        check_options("kl", reduction=reduction, alignment=alignment, temperature=temperature, eps=eps,
+                      name="ProjectedAMAD")
+        super().__init__(reduction=reduction, alignment=alignment, temperature=temperature, eps=eps)
+        self.n = n
+        self.projection = nn.Linear(n, n)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``W = I``, ``b = 0``: the loss starts as plain variant 2."""
+        with torch.no_grad():
+            self.projection.weight.copy_(torch.eye(self.n))
+            self.projection.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, " + super().extra_repr()
+
+    def forward(self, teacher: Tensor, student: Tensor, mask: Tensor | None = None) -> Tensor:
+        options: dict[str, Any] = self.options
+        alignment = check_options("kl", name="ProjectedAMAD", **options)
+        t, s, full_mask, out_dtype = _prepare(teacher, student, mask, name="ProjectedAMAD")
+        batch, h_s, q, k = s.shape
+        if q * k != self.n:
+            raise ValueError(
+                f"ProjectedAMAD was built for n = q*k = {self.n}; got maps with q={q}, k={k} "
+                f"(n={q * k}), Teacher {tuple(teacher.shape)}, Student {tuple(student.shape)}"
+            )
+        weight, bias = self.projection.weight.to(s.dtype), self.projection.bias.to(s.dtype)
+        projected = torch.relu(nn.functional.linear(s.reshape(batch, h_s, self.n), weight, bias))
+        s = apply_mask(projected.reshape(s.shape), full_mask)
+        elements, _ = _variant_elements(t, s, "kl", alignment, options["temperature"], options["eps"])
+        return _reduce(elements, full_mask, options["reduction"]).to(out_dtype)

@@ -46,6 +46,8 @@ class AttentionLoss(nn.Module):
     needs: str = "maps"
     #: Function on maps: fn(teacher, student, *, mask=..., **options) -> scalar.
     map_fn: Callable[..., Tensor] | None = None
+    #: Blockwise function on inputs: fn(teacher_inputs, student_inputs, *, block_size=..., **options) -> scalar.
+    streaming_fn: Callable[..., Tensor] | None = None
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
@@ -81,5 +83,7 @@ class AttentionLoss(nn.Module):
     def streaming_loss(
         self, teacher: AttentionInputs, student: AttentionInputs, *, block_size: int | None = None
     ) -> Tensor:
-        """Blockwise form of the loss; losses override it (see ``amad.losses.streaming``)."""
-        raise NotImplementedError(f"{type(self).__name__} has no streaming form yet")
+        """Blockwise form of the loss (see ``amad.losses.streaming``); never holds a whole map."""
+        if self.streaming_fn is None:
+            raise NotImplementedError(f"{type(self).__name__} has no streaming form")
+        return type(self).streaming_fn(teacher, student, block_size=block_size, **self.options)

@@ -1,0 +1,265 @@
+"""`Distiller`: one object that owns the frozen Teacher and computes the distillation loss.
+
+    L = kd_weight * L_KD + sum_l alpha_l * L_attn(l) + gt_weight * L_GT
+
+L_KD is the logit KD of spec section 5 (or any ``output_loss`` the user gives,
+e.g. an embedding loss), L_attn(l) the chosen attention loss on the l-th
+(Teacher layer, Student layer) pair, L_GT the Student's own ground-truth loss.
+``alpha="auto"`` sets each alpha_l on the first ``alpha_batches`` batches so
+that alpha_l * L_attn(l) starts at the scale of L_KD, then freezes it (kept in
+the state dict, so a resumed run does not measure it again).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers.utils import ModelOutput
+
+from . import losses as loss_lib
+from .attention import AttentionInputs
+from .capture import AttentionRecorder
+from .layers import check_layer_shapes, resolve_layer_pairs
+from .losses.logits import logit_kd
+
+logger = logging.getLogger(__name__)
+
+OutputLoss = Callable[[Any, Any, dict], Tensor]
+
+
+@dataclass
+class DistillationOutput(ModelOutput):
+    """What one distillation step computed.
+
+    loss: the total scalar; losses: each weighted term (for logging);
+    student_outputs / teacher_outputs: the two models' own outputs.
+    """
+
+    loss: Tensor | None = None
+    losses: dict[str, Tensor] | None = None
+    student_outputs: Any = None
+    teacher_outputs: Any = None
+
+
+def _model_logits(outputs: Any) -> Tensor:
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, (tuple, list)):
+        logits = outputs[0]
+    if not isinstance(logits, Tensor):
+        raise ValueError(
+            "logit KD needs model outputs with `.logits`; pass `output_loss=` for models without logits "
+            "(e.g. an embedding loss), or kd_weight=0"
+        )
+    return logits
+
+
+def token_mask(batch: dict, length: int) -> Tensor | None:
+    """Which of ``length`` sequence positions are real tokens, from the batch (or None = all)."""
+    labels = batch.get("labels")
+    if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape[1] == length:
+        return labels != -100
+    for key in ("decoder_attention_mask", "attention_mask"):
+        mask = batch.get(key)
+        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == length:
+            return mask.bool()
+    return None
+
+
+def default_output_loss(temperature: float) -> OutputLoss:
+    """Logit KD (spec section 5): classification (B, C) or per-token (B, L, V) with padding ignored."""
+
+    def kd(student_outputs: Any, teacher_outputs: Any, batch: dict) -> Tensor:
+        s, t = _model_logits(student_outputs), _model_logits(teacher_outputs)
+        mask = token_mask(batch, s.shape[1]) if s.dim() == 3 else None
+        return logit_kd(s, t, temperature=temperature, mask=mask)
+
+    return kd
+
+
+def query_mask_for(inputs: AttentionInputs, batch: dict) -> Tensor | None:
+    """Real query rows of a recorded layer, ``(B, q)`` bool, or None.
+
+    Self-attention (q == k): a query row is real iff the same position is a
+    real key (the diagonal of the key mask). Otherwise: the batch mask of
+    length q (decoder labels / masks).
+    """
+    if inputs.mask is not None and inputs.q_len == inputs.k_len:
+        full = inputs.mask.expand(inputs.batch_size, 1, inputs.q_len, inputs.k_len)
+        return full.diagonal(dim1=-2, dim2=-1)[:, 0]
+    return token_mask(batch, inputs.q_len)
+
+
+class Distiller(nn.Module):
+    """Frozen Teacher + trainable Student + the distillation objective.
+
+    Only the Student and learnable parts of the losses are submodules: the
+    Teacher is never in ``parameters()``, ``state_dict()`` or an optimizer, and
+    stays in eval mode with gradients off.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        attention_loss: str | None = "amad-mse",
+        layers: str | Sequence[tuple[str, str]] = "last",
+        alpha: float | str | Sequence[float] = "auto",
+        kd_temperature: float = 1.0,
+        gt_weight: float = 0.0,
+        streaming: bool = True,
+        kd_weight: float = 1.0,
+        attention_loss_options: dict | None = None,
+        output_loss: OutputLoss | None = None,
+        alpha_batches: int = 1,
+        block_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if teacher is student:
+            raise ValueError("teacher and student must be different modules")
+        if kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0; got {kd_temperature}")
+        if alpha_batches < 1:
+            raise ValueError(f"alpha_batches must be >= 1; got {alpha_batches}")
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: never saved or optimised
+        teacher.eval().requires_grad_(False)
+        self.student = student
+        self.kd_weight = float(kd_weight)
+        self.gt_weight = float(gt_weight)
+        self.kd_temperature = float(kd_temperature)
+        self.streaming = bool(streaming)
+        self.block_size = block_size
+        self.alpha_batches = int(alpha_batches)
+        self.output_loss = output_loss or default_output_loss(self.kd_temperature)
+        self.attention_loss_name = attention_loss
+
+        if attention_loss is None:
+            self.layer_pairs: list[tuple[str, str]] = []
+        else:
+            self.layer_pairs = resolve_layer_pairs(teacher, student, layers)
+        options = dict(attention_loss_options or {})
+        self.attention_losses = nn.ModuleList(
+            [loss_lib.get(attention_loss, **options) for _ in self.layer_pairs] if attention_loss else []
+        )
+        self._init_alpha(alpha)
+        self._shapes_checked = False
+
+    # -- alpha --------------------------------------------------------------
+    def _init_alpha(self, alpha: float | str | Sequence[float]) -> None:
+        n = len(self.layer_pairs)
+        self.auto_alpha = alpha == "auto"
+        if self.auto_alpha:
+            values = torch.zeros(n, dtype=torch.float64)
+        elif isinstance(alpha, (int, float)):
+            values = torch.full((n,), float(alpha), dtype=torch.float64)
+        elif isinstance(alpha, str):
+            raise ValueError(f"alpha must be a number, a list of numbers or 'auto'; got {alpha!r}")
+        else:
+            values = torch.tensor([float(a) for a in alpha], dtype=torch.float64)
+            if values.numel() != n:
+                raise ValueError(f"alpha has {values.numel()} values for {n} layer pairs {self.layer_pairs}")
+        self.register_buffer("alpha", values)
+        # Running sums while measuring auto alpha; frozen once alpha_batches batches were seen.
+        self.register_buffer("_alpha_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("_alpha_sums", torch.zeros(n + 1, dtype=torch.float64))
+
+    @property
+    def alpha_frozen(self) -> bool:
+        return not self.auto_alpha or int(self._alpha_seen) >= self.alpha_batches
+
+    def _update_auto_alpha(self, reference: Tensor, raw_terms: list[Tensor]) -> None:
+        sums = torch.stack([reference.detach().double()] + [t.detach().double() for t in raw_terms]).to(
+            self._alpha_sums.device
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+            sums = sums / torch.distributed.get_world_size()
+        self._alpha_sums += sums
+        self._alpha_seen += 1
+        if int(self._alpha_seen) >= self.alpha_batches:
+            ref, terms = self._alpha_sums[0], self._alpha_sums[1:]
+            self.alpha.copy_(torch.where(terms > 0, ref / terms.clamp_min(1e-30), torch.ones_like(terms)))
+            logger.info("alpha='auto' frozen after %d batch(es): %s", int(self._alpha_seen), self.alpha_report())
+
+    def alpha_report(self) -> dict[str, float]:
+        """The alpha of each layer pair, keyed like ``.losses``."""
+        return {self._term_name(i): float(a) for i, a in enumerate(self.alpha)}
+
+    # -- modes / devices ----------------------------------------------------
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "Distiller":
+        self.teacher._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    # -- forward ------------------------------------------------------------
+    def _term_name(self, i: int) -> str:
+        t, s = self.layer_pairs[i]
+        return f"attn[{t}->{s}]"
+
+    def forward(self, **batch: Any) -> DistillationOutput:
+        t_names = [t for t, _ in self.layer_pairs]
+        s_names = [s for _, s in self.layer_pairs]
+        with ExitStack() as stack:
+            t_rec = stack.enter_context(AttentionRecorder(self.teacher, t_names)) if t_names else None
+            with torch.no_grad():
+                teacher_outputs = self.teacher(**batch)
+            s_rec = stack.enter_context(AttentionRecorder(self.student, s_names)) if s_names else None
+            student_outputs = self.student(**batch)
+            raw_terms = self._attention_terms(t_rec, s_rec, batch) if self.layer_pairs else []
+
+        losses: dict[str, Tensor] = {}
+        total = student_outputs_loss = None
+        kd = self.output_loss(student_outputs, teacher_outputs, batch) if self.kd_weight else None
+        if kd is not None:
+            losses["kd"] = self.kd_weight * kd
+        if self.gt_weight:
+            student_outputs_loss = getattr(student_outputs, "loss", None)
+            if student_outputs_loss is None:
+                raise ValueError("gt_weight > 0 needs a Student that returns `.loss` (pass labels in the batch)")
+            losses["gt"] = self.gt_weight * student_outputs_loss
+        if raw_terms and not self.alpha_frozen and self.training:
+            reference = losses.get("kd", losses.get("gt"))
+            if reference is None:
+                raise ValueError("alpha='auto' needs a KD or ground-truth term to scale against; give alpha numbers")
+            self._update_auto_alpha(reference, raw_terms)
+        for i, term in enumerate(raw_terms):
+            losses[self._term_name(i)] = self.alpha[i].to(term.dtype) * term
+        if not losses:
+            raise ValueError("nothing to optimise: kd_weight=0, gt_weight=0 and no attention loss")
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        return DistillationOutput(
+            loss=total, losses=losses, student_outputs=student_outputs, teacher_outputs=teacher_outputs
+        )
+
+    def _attention_terms(
+        self, t_rec: AttentionRecorder | None, s_rec: AttentionRecorder | None, batch: dict
+    ) -> list[Tensor]:
+        terms = []
+        for (t_name, s_name), loss in zip(self.layer_pairs, self.attention_losses):
+            t_in = t_rec.inputs(t_name).detach()
+            s_in = s_rec.inputs(s_name)
+            if not self._shapes_checked:
+                check_layer_shapes(t_name, t_in, s_name, s_in)
+            t_in = replace(t_in, query_mask=query_mask_for(t_in, batch))
+            s_in = replace(s_in, query_mask=query_mask_for(s_in, batch))
+            streaming = self.streaming and loss.streaming_fn is not None
+            if self.streaming and not streaming:
+                logger.debug("%s has no streaming form; materialising its maps", type(loss).__name__)
+            terms.append(loss.from_inputs(t_in, s_in, streaming=streaming, block_size=self.block_size))
+        self._shapes_checked = True
+        return terms
+
+    def extra_repr(self) -> str:
+        return (
+            f"attention_loss={self.attention_loss_name!r}, pairs={self.layer_pairs}, "
+            f"streaming={self.streaming}, kd_weight={self.kd_weight}, gt_weight={self.gt_weight}"
+        )
