@@ -15,6 +15,8 @@ Conventions used by every loss on attention maps:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -60,6 +62,14 @@ def expand_mask(mask: Tensor | None, shape: tuple[int, int, int, int], *, name: 
 def check_reduction(reduction: str, *, name: str = "loss") -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
+
+
+def check_temperature(temperature: float, *, name: str = "loss") -> None:
+    """A temperature must be a finite real number > 0 (bools rejected)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"{name}: temperature must be a finite number > 0; got {temperature!r}")
 
 
 def apply_mask(maps: Tensor, mask: Tensor | None) -> Tensor:

@@ -36,6 +36,7 @@ from ._common import (
     apply_mask,
     check_maps,
     check_reduction,
+    check_temperature,
     kl_elements,
     reduce_per_sample,
     rownorm1,
@@ -68,14 +69,18 @@ def check_options(
     choices = ALIGNMENTS[variant]
     alignment = choices[0] if alignment is None else alignment
     if alignment not in choices:
-        raise ValueError(f"{name}: alignment {alignment!r} is not available for variant {variant!r}; choose one of {choices}")
-    for label, value in (("temperature", temperature), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise ValueError(f"{name}: {label} must be a finite number > 0; got {value!r}")
+        raise ValueError(
+            f"{name}: alignment {alignment!r} is not available for variant {variant!r}; choose one of {choices}"
+        )
+    check_temperature(temperature, name=name)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"{name}: eps must be a finite number > 0; got {eps!r}")
     return alignment
 
 
-def _prepare(teacher: Tensor, student: Tensor, mask: Tensor | None, name: str):
+def _prepare(
+    teacher: Tensor, student: Tensor, mask: Tensor | None, name: str
+) -> tuple[Tensor, Tensor, Tensor | None, torch.dtype]:
     """Validate, cast half precision to float32 and zero the masked entries of both maps."""
     full_mask = check_maps(teacher, student, mask, name=name)
     out_dtype = torch.promote_types(teacher.dtype, student.dtype)
@@ -85,7 +90,7 @@ def _prepare(teacher: Tensor, student: Tensor, mask: Tensor | None, name: str):
     return t, s, full_mask, out_dtype
 
 
-def _mixture(rows_t: Tensor, rows_s: Tensor, sim_t: Tensor, sim_s: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _mixture(rows_s: Tensor, sim_t: Tensor, sim_s: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """``A = softmax_j(sim_t sim_s^T / temperature)`` and the aligned rows ``A rows_s``."""
     weights = torch.softmax(sim_t @ sim_s.transpose(-1, -2) / temperature, dim=-1)
     return weights, weights @ rows_s
@@ -94,7 +99,7 @@ def _mixture(rows_t: Tensor, rows_s: Tensor, sim_t: Tensor, sim_s: Tensor, tempe
 def _mse_elements(t: Tensor, s: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """Variant 1 on ``(..., H_t, n)`` and ``(..., H_s, n)``: ``(T^ - rownorm2(A S^))^2`` and ``A``."""
     t_hat, s_hat = rownorm2(t), rownorm2(s)
-    weights, mixed = _mixture(t_hat, s_hat, t_hat, s_hat, temperature)
+    weights, mixed = _mixture(s_hat, t_hat, s_hat, temperature)
     return (t_hat - rownorm2(mixed)) ** 2, weights
 
 
@@ -102,27 +107,29 @@ def _similarity_rows(x: Tensor, x_l1: Tensor, alignment: str) -> Tensor:
     return x_l1 if alignment == "l1" else rownorm2(x)
 
 
-def _kl_elements(t: Tensor, s: Tensor, q: int, k: int, alignment: str, temperature: float, eps: float):
+def _kl_elements(
+    t: Tensor, s: Tensor, q: int, k: int, alignment: str, temperature: float, eps: float
+) -> tuple[Tensor, Tensor]:
     """Variant 2 on flattened ``(B, H_t, n)``, ``(B, H_s, n)``: KL elements ``(B, H_t, q, k)`` and ``A``."""
     t_l1, s_l1 = rownorm1(t), rownorm1(s)
-    weights, mixed = _mixture(
-        t_l1, s_l1, _similarity_rows(t, t_l1, alignment), _similarity_rows(s, s_l1, alignment), temperature
-    )
+    sim_t, sim_s = _similarity_rows(t, t_l1, alignment), _similarity_rows(s, s_l1, alignment)
+    weights, mixed = _mixture(s_l1, sim_t, sim_s, temperature)
     shape = (t.shape[0], t.shape[1], q, k)
     return kl_elements(rownorm1(t_l1.reshape(shape)), rownorm1(mixed.reshape(shape)), eps), weights
 
 
-def _token_elements(t: Tensor, s: Tensor, alignment: str, temperature: float, eps: float):
+def _token_elements(t: Tensor, s: Tensor, alignment: str, temperature: float, eps: float) -> tuple[Tensor, Tensor]:
     """Variant 4 on ``(B, H, q, k)`` maps: KL elements ``(B, q, H_t, k)`` and ``A`` ``(B, q, H_t, H_s)``."""
     t_rows, s_rows = t.transpose(1, 2), s.transpose(1, 2)
     t_l1, s_l1 = rownorm1(t_rows), rownorm1(s_rows)
-    weights, mixed = _mixture(
-        t_l1, s_l1, _similarity_rows(t_rows, t_l1, alignment), _similarity_rows(s_rows, s_l1, alignment), temperature
-    )
+    sim_t, sim_s = _similarity_rows(t_rows, t_l1, alignment), _similarity_rows(s_rows, s_l1, alignment)
+    weights, mixed = _mixture(s_l1, sim_t, sim_s, temperature)
     return kl_elements(t_l1, rownorm1(mixed), eps), weights
 
 
-def _variant_elements(t: Tensor, s: Tensor, variant: str, alignment: str, temperature: float, eps: float):
+def _variant_elements(
+    t: Tensor, s: Tensor, variant: str, alignment: str, temperature: float, eps: float
+) -> tuple[Tensor, Tensor]:
     """Element losses laid out as ``(B, H, q, k)`` (H = H_s for s2t, else H_t) and the alignment matrix."""
     batch, h_t, q, k = t.shape
     h_s = s.shape[1]
@@ -189,9 +196,10 @@ def alignment_matrix(
 
     ``(B, H_t, H_s)`` for mse/kl, ``(B, H_s, H_t)`` for s2t, ``(B, q, H_t, H_s)`` for token.
     """
-    alignment = check_options(variant, reduction="paper", alignment=alignment, temperature=temperature, eps=1.0)
+    eps = 1e-7  # unused by the alignment itself
+    alignment = check_options(variant, reduction="paper", alignment=alignment, temperature=temperature, eps=eps)
     t, s, _, _ = _prepare(teacher, student, mask, name="alignment_matrix")
-    return _variant_elements(t, s, variant, alignment, temperature, 1e-7)[1]
+    return _variant_elements(t, s, variant, alignment, temperature, eps)[1]
 
 
 class _PresetAMAD(AttentionLoss):
@@ -202,11 +210,9 @@ class _PresetAMAD(AttentionLoss):
     def __init__(
         self, *, reduction: str = "paper", alignment: str | None = None, temperature: float = 1.0, eps: float = 1e-7
     ) -> None:
-        check_options(
-            self.variant, reduction=reduction, alignment=alignment, temperature=temperature, eps=eps,
-            name=type(self).__name__,
-        )
-        super().__init__(reduction=reduction, alignment=alignment, temperature=temperature, eps=eps)
+        options = {"reduction": reduction, "alignment": alignment, "temperature": temperature, "eps": eps}
+        check_options(self.variant, name=type(self).__name__, **options)
+        super().__init__(**options)
 
 
 @register("amad-mse")
@@ -264,9 +270,9 @@ class ProjectedAMAD(AttentionLoss):
     ) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ValueError(f"ProjectedAMAD: n (= q*k of the maps) must be a positive int; got {n!r}")
-        check_options("kl", reduction=reduction, alignment=alignment, temperature=temperature, eps=eps,
-                      name="ProjectedAMAD")
-        super().__init__(reduction=reduction, alignment=alignment, temperature=temperature, eps=eps)
+        options = {"reduction": reduction, "alignment": alignment, "temperature": temperature, "eps": eps}
+        check_options("kl", name="ProjectedAMAD", **options)
+        super().__init__(**options)
         self.n = n
         self.projection = nn.Linear(n, n)
         self.reset_parameters()

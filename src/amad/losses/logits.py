@@ -1,1 +1,104 @@
-"""(being written)"""
+"""Logit distillation ``L_KD``: cross-entropy of the Student's softened predictions against the Teacher's.
+
+At one position (a classifier's output, or one target token under Teacher forcing):
+
+    CE = - sum_c softmax(z_T / tau)_c * log_softmax(z_S / tau)_c
+
+* classification, logits ``(B, C)``: the mean of CE over the batch;
+* sequences, logits ``(B, L, V)``: per sample, CE summed over the valid
+  (non-padding) positions, then the mean over the samples that have a valid
+  position (``reduction="sequence"``, the paper's form), or the mean over all
+  valid tokens of the batch (``reduction="token"``).
+
+A position is padding where ``labels == ignore_index`` (if ``labels`` is
+given) or where ``mask`` is False (if given). The paper uses ``tau = 1``;
+by default the loss is not multiplied by ``tau^2`` (Hinton et al.'s gradient
+rescaling for ``tau != 1``): set ``scale_by_temperature_squared=True`` for it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import check_temperature
+
+__all__ = ["logit_kd"]
+
+REDUCTIONS = ("sequence", "token")
+
+
+def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    for label, z in (("student", student_logits), ("teacher", teacher_logits)):
+        if not isinstance(z, Tensor):
+            raise TypeError(f"logit_kd: {label}_logits must be a torch.Tensor, got {type(z).__name__}")
+        if not z.is_floating_point():
+            raise TypeError(f"logit_kd: {label}_logits must be floating point; got {z.dtype}")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() not in (2, 3):
+        raise ValueError(
+            f"logit_kd: Student logits {tuple(student_logits.shape)} and Teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape, (B, C) or (B, L, V)"
+        )
+    if student_logits.shape[-1] == 0 or student_logits.shape[0] == 0:
+        raise ValueError(f"logit_kd: logits are empty: shape {tuple(student_logits.shape)}")
+    for label, z in (("student", student_logits), ("teacher", teacher_logits)):
+        if not torch.isfinite(z.detach()).all():
+            raise ValueError(f"logit_kd: {label} logits {tuple(z.shape)} contain NaN or infinite values")
+
+
+def _valid_positions(logits: Tensor, labels: Tensor | None, mask: Tensor | None, ignore_index: int) -> Tensor | None:
+    """Boolean ``logits.shape[:-1]``, True for positions that count, or None if all do."""
+    positions = tuple(logits.shape[:-1])
+    valid = None
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or tuple(labels.shape) != positions:
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"logit_kd: labels must be an integer tensor of shape {positions}; got {got}")
+        valid = labels != ignore_index
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != positions:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"logit_kd: mask must be a boolean tensor of shape {positions}; got {got}")
+        valid = mask if valid is None else valid & mask
+    return valid
+
+
+def logit_kd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    reduction: str = "sequence",
+    scale_by_temperature_squared: bool = False,
+) -> Tensor:
+    """``CE(softmax(z_T / tau), log_softmax(z_S / tau))``, summed over a sequence's valid tokens, mean over samples.
+
+    student_logits, teacher_logits: ``(B, C)`` or ``(B, L, V)``, same shape.
+    labels: integer ``(B,)`` / ``(B, L)``; positions equal to ``ignore_index`` are ignored.
+    mask: boolean ``(B,)`` / ``(B, L)``, True where a position counts.
+    reduction: ``"sequence"`` or ``"token"`` (see the module doc).
+    """
+    _check_logits(student_logits, teacher_logits)
+    check_temperature(temperature, name="logit_kd")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"logit_kd: reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    valid = _valid_positions(student_logits, labels, mask, ignore_index)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    target = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    log_pred = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    ce = -(target * log_pred).sum(dim=-1)
+    if valid is None:
+        valid = torch.ones_like(ce, dtype=torch.bool)
+    ce = torch.where(valid, ce, torch.zeros_like(ce))
+    if ce.dim() == 1:  # classification: one position per sample
+        ce, valid = ce[:, None], valid[:, None]
+    per_sample = ce.sum(dim=1)
+    if reduction == "sequence":
+        has_valid = valid.any(dim=1)
+        loss = per_sample.sum() / has_valid.sum().clamp(min=1).to(dtype)
+    else:
+        loss = per_sample.sum() / valid.sum().clamp(min=1).to(dtype)
+    return loss * temperature**2 if scale_by_temperature_squared else loss

@@ -1,0 +1,222 @@
+"""The engine under ``amad.losses.streaming``: sums over query blocks, checkpointed per block.
+
+:func:`blockwise_sum` evaluates ``sum over blocks b of stats_fn(T_b, S_b, valid_b, *extras)``
+where ``T_b``, ``S_b`` are the Teacher and Student probabilities of query rows
+``b`` (masked entries zeroed, as the map losses do) recomputed from Q/K (+ bias,
+mask, causality), and ``stats_fn`` returns small per-sample statistics. Its
+backward recomputes each Student block with gradients enabled and backpropagates
+the incoming gradient of the statistics through it (per-block checkpointing), so
+neither pass ever holds a whole ``(B, H, q, k)`` map: the peak is a few block-sized
+tensors, ``O(B * H * block_size * k)``, independent of ``q``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..attention import AttentionInputs
+from ._common import apply_mask
+
+#: Largest number of map entries (``B * H * rows * k``) one block may hold when
+#: ``block_size`` is None; measured in benchmarks/loss_streaming.py: blocks of
+#: 2**22 entries (16 MiB in float32) run as fast as bigger ones.
+DEFAULT_BLOCK_ENTRIES = 2**22
+
+StatsFn = Callable[..., Sequence[Tensor]]
+
+
+def resolve_block_size(block_size: int | None, teacher: AttentionInputs, student: AttentionInputs) -> int:
+    """Query rows per block: ``block_size`` if given, else the most rows within the entry budget."""
+    if block_size is None:
+        per_row = teacher.batch_size * max(teacher.num_heads, student.num_heads) * teacher.k_len
+        return max(1, DEFAULT_BLOCK_ENTRIES // max(per_row, 1))
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int (query rows per block); got {block_size!r}")
+    return block_size
+
+
+def _rows(t: Tensor | None, start: int, stop: int) -> Tensor | None:
+    """Rows ``start:stop`` of a tensor broadcastable to ``(..., q, k)`` (unchanged if its q is 1)."""
+    if t is None or t.dim() < 2 or t.shape[-2] == 1:
+        return t
+    return t[..., start:stop, :]
+
+
+def block_view(
+    inputs: AttentionInputs, start: int, stop: int, *, query: Tensor | None = None, key: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> AttentionInputs:
+    """Query rows ``start:stop`` of ``inputs`` as inputs of their own.
+
+    ``view.probs()`` equals ``inputs.probs(start, stop)`` and ``view.valid()``
+    equals ``inputs.valid(start, stop)``; causality is folded into the view's
+    mask. ``query`` (the rows), ``key`` and ``bias`` (the rows) replace the
+    originals when given (leaves of a backward recomputation).
+    """
+    attendable = replace(inputs, query_mask=None).valid(start, stop)
+    query_mask = None if inputs.query_mask is None else inputs.query_mask[:, start:stop]
+    return replace(
+        inputs,
+        query=inputs.query[:, :, start:stop] if query is None else query,
+        key=inputs.key if key is None else key,
+        bias=_rows(inputs.bias, start, stop) if bias is None else bias,
+        mask=attendable,
+        causal=False,
+        query_mask=query_mask,
+    )
+
+
+def check_finite(block: Tensor, label: str, inputs: AttentionInputs, start: int, stop: int) -> None:
+    if not torch.isfinite(block).all():
+        raise ValueError(
+            f"streaming loss: {label} probabilities of query rows {start}:{stop} contain NaN or infinite values "
+            f"(maps {inputs.map_shape}); check the recorded query/key/bias"
+        )
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What one streaming pass iterates over: the pair of inputs, the block size and the statistic."""
+
+    teacher: AttentionInputs
+    student: AttentionInputs
+    block_size: int
+    dtype: torch.dtype
+    stats_fn: StatsFn
+
+    def blocks(self) -> range:
+        return range(0, self.student.q_len, self.block_size)
+
+    def pair(self, start: int, view: AttentionInputs, *, check: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Teacher block (no gradient), Student block from ``view`` and their common valid mask."""
+        stop = min(start + self.block_size, self.student.q_len)
+        with torch.no_grad():
+            t_view = block_view(self.teacher, start, stop)
+            teacher_block = t_view.probs().to(self.dtype)
+        student_block = view.probs().to(self.dtype)
+        if check:
+            check_finite(teacher_block, "Teacher", self.teacher, start, stop)
+            check_finite(student_block.detach(), "Student", self.student, start, stop)
+        valid = _both(t_view.valid(), view.valid())
+        return apply_mask(teacher_block, valid), apply_mask(student_block, valid), valid
+
+
+class _BlockwiseSum(torch.autograd.Function):
+    """``sum_b stats_fn(T_b, S_b, valid_b, *extras)``; gradients for the Student's query/key/bias and extras."""
+
+    @staticmethod
+    def forward(ctx, plan: BlockPlan, query: Tensor, key: Tensor, bias: Tensor | None, *extras: Tensor):
+        ctx.plan = plan
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(query, key, *((bias,) if bias is not None else ()), *extras)
+        student = replace(plan.student, query=query, key=key, bias=bias)
+        totals: list[Tensor] | None = None
+        for start in plan.blocks():
+            view = block_view(student, start, min(start + plan.block_size, student.q_len))
+            out = plan.stats_fn(*plan.pair(start, view, check=True), *extras)
+            totals = list(out) if totals is None else [a + b for a, b in zip(totals, out)]
+        assert totals is not None
+        return tuple(totals)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: Tensor | None):
+        plan: BlockPlan = ctx.plan
+        saved = list(ctx.saved_tensors)
+        query, key = saved[0], saved[1]
+        bias = saved[2] if ctx.has_bias else None
+        extras = saved[3:] if ctx.has_bias else saved[2:]
+        need_q, need_k, need_b = ctx.needs_input_grad[1:4]
+        need_extras = ctx.needs_input_grad[4:]
+        grad_query = torch.zeros_like(query) if need_q else None
+        grad_key = torch.zeros_like(key) if need_k else None
+        grad_bias = torch.zeros_like(bias) if need_b and bias is not None else None
+        grad_extras = [torch.zeros_like(e) if n else None for e, n in zip(extras, need_extras)]
+        bias_by_rows = bias is not None and _rows(bias, 0, 1) is not bias
+        for start in plan.blocks():
+            stop = min(start + plan.block_size, query.shape[2])
+            with torch.enable_grad():
+                q_rows = query[:, :, start:stop].detach().requires_grad_(need_q)
+                key_leaf = key.detach().requires_grad_(need_k)
+                bias_leaf = None if bias is None else _rows(bias, start, stop).detach().requires_grad_(need_b)
+                extra_leaves = [e.detach().requires_grad_(n) for e, n in zip(extras, need_extras)]
+                view = block_view(plan.student, start, stop, query=q_rows, key=key_leaf, bias=bias_leaf)
+                outs = plan.stats_fn(*plan.pair(start, view), *extra_leaves)
+                used = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+                leaves = [x for x, n in ((q_rows, need_q), (key_leaf, need_k), (bias_leaf, need_b)) if n]
+                leaves += [x for x, n in zip(extra_leaves, need_extras) if n]
+                if not used or not leaves:
+                    continue
+                grads = list(torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used], allow_unused=True))
+            if need_q:
+                _add(grad_query[:, :, start:stop], grads.pop(0))
+            if need_k:
+                _add(grad_key, grads.pop(0))
+            if need_b:
+                _add(grad_bias[..., start:stop, :] if bias_by_rows else grad_bias, grads.pop(0))
+            for acc in grad_extras:
+                if acc is not None:
+                    _add(acc, grads.pop(0))
+        return (None, grad_query, grad_key, grad_bias, *grad_extras)
+
+
+def _add(accumulator: Tensor, grad: Tensor | None) -> None:
+    if grad is not None:
+        accumulator.add_(grad)
+
+
+def blockwise_sum(
+    teacher: AttentionInputs,
+    student: AttentionInputs,
+    stats_fn: StatsFn,
+    *extras: Tensor,
+    block_size: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, ...]:
+    """``sum over query blocks of stats_fn(T_b, S_b, valid_b, *extras)``, differentiable, one block at a time.
+
+    ``stats_fn`` receives the masked Teacher and Student probabilities of a block
+    (``(B, H, rows, k)`` in ``dtype``), their common valid mask ``(B, 1, rows, k)``
+    (or None) and ``extras``, and returns a tuple of tensors whose shapes do not
+    depend on the rows. Gradients reach the Student's query, key, bias and the extras.
+    """
+    plan = BlockPlan(teacher.detach(), student, block_size, dtype, stats_fn)
+    return _BlockwiseSum.apply(plan, student.query, student.key, student.bias, *extras)
+
+
+def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a & b
+
+
+def common_valid(teacher: AttentionInputs, student: AttentionInputs, start: int, stop: int) -> Tensor | None:
+    """Entries of query rows ``start:stop`` valid for both models, ``(B, 1, rows, k)``, or None if all are."""
+    return _both(teacher.valid(start, stop), student.valid(start, stop))
+
+
+def valid_counts(teacher: AttentionInputs, student: AttentionInputs, block_size: int, dtype: torch.dtype) -> Tensor:
+    """Entries ``(q, k)`` valid for both models, per sample ``(B,)`` (``q * k`` when nothing is masked)."""
+    batch = student.batch_size
+    counts = torch.zeros(batch, dtype=dtype, device=student.query.device)
+    for start in range(0, student.q_len, block_size):
+        stop = min(start + block_size, student.q_len)
+        valid = common_valid(teacher, student, start, stop)
+        if valid is None:
+            counts += (stop - start) * student.k_len
+        else:
+            counts += valid.reshape(batch, -1).sum(dim=1).to(dtype)
+    return counts
+
+
+@torch.no_grad()
+def teacher_blocks(
+    teacher: AttentionInputs, student: AttentionInputs, block_size: int, dtype: torch.dtype
+) -> Iterator[Tensor]:
+    """The Teacher's probabilities block by block, ``(B, H_t, rows, k)``, zeroed where either model is masked."""
+    for start in range(0, teacher.q_len, block_size):
+        stop = min(start + block_size, teacher.q_len)
+        block = block_view(teacher, start, stop).probs().to(dtype)
+        check_finite(block, "Teacher", teacher, start, stop)
+        yield apply_mask(block, common_valid(teacher, student, start, stop))
