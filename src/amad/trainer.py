@@ -1,0 +1,323 @@
+"""`DistillationTrainer`: the Hugging Face `Trainer`, training a `Distiller`.
+
+Everything the `Trainer` offers keeps working (TrainingArguments, mixed
+precision, gradient accumulation, checkpoints and resuming, logging and
+progress bars, evaluation with ``compute_metrics``, DDP through accelerate or
+torchrun). What changes:
+
+- the loss is the Distiller's total; each weighted term is logged separately as
+  ``loss/<term>`` (averaged over the logging interval like ``loss``), the frozen
+  alpha values once as ``alpha/<term>``, and evaluation adds
+  ``eval_loss/<term>``;
+- ``save_model(dir)`` and every checkpoint write the Student exactly as
+  ``student.save_pretrained(dir)`` would (so ``from_pretrained(dir)`` loads it),
+  plus ``distiller_state.safetensors``: the Distiller's own state (alpha
+  buffers, learnable loss parameters), restored on ``resume_from_checkpoint``
+  and when loading the best model. The Teacher is never saved or optimised;
+- evaluation runs the Distiller: ``eval_loss`` is the distillation loss, and the
+  predictions handed to ``compute_metrics`` are the Student's outputs (e.g.
+  logits) with the batch's labels, as a plain ``Trainer`` on the Student gives.
+  With ``alpha="auto"``, an evaluation before the first training batch weighs
+  the attention terms by 0 (alpha is measured on training batches only).
+
+DeepSpeed, FSDP and SageMaker model parallelism are not supported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from typing import Any, Callable
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer_pt_utils import nested_detach
+from transformers.utils import find_labels
+
+from .distiller import Distiller
+
+logger = logging.getLogger(__name__)
+
+DISTILLER_STATE_NAME = "distiller_state.safetensors"
+STUDENT_PREFIX = "student."
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+def split_distiller_state(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split a Distiller state dict into the Student's own (prefix removed) and the Distiller's extras."""
+    student = {k[len(STUDENT_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(STUDENT_PREFIX)}
+    extras = {k: v for k, v in state_dict.items() if not k.startswith(STUDENT_PREFIX)}
+    return student, extras
+
+
+def save_distiller_state(distiller: Distiller, extras: dict[str, Tensor], output_dir: str) -> None:
+    """Write the Distiller's extra state (alpha buffers, learnable loss parts) next to the Student."""
+    metadata = {
+        "format": "pt",
+        "attention_loss": json.dumps(distiller.attention_loss_name),
+        "layer_pairs": json.dumps([list(pair) for pair in distiller.layer_pairs]),
+    }
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in extras.items()}
+    safetensors.torch.save_file(tensors, os.path.join(output_dir, DISTILLER_STATE_NAME), metadata=metadata)
+
+
+def load_distiller_state(distiller: Distiller, checkpoint_dir: str) -> None:
+    """Restore what :func:`save_distiller_state` wrote, refusing a checkpoint of another setup."""
+    path = os.path.join(checkpoint_dir, DISTILLER_STATE_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{checkpoint_dir!r} has no {DISTILLER_STATE_NAME}: it was not written by DistillationTrainer, so the "
+            "Distiller's alpha and learnable loss parameters cannot be restored"
+        )
+    with safetensors.safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    saved_loss = json.loads(metadata.get("attention_loss", "null"))
+    saved_pairs = [tuple(p) for p in json.loads(metadata.get("layer_pairs", "[]"))]
+    if saved_loss != distiller.attention_loss_name or saved_pairs != list(distiller.layer_pairs):
+        raise ValueError(
+            f"{path} was written for attention_loss={saved_loss!r} on layer pairs {saved_pairs}; this Distiller has "
+            f"attention_loss={distiller.attention_loss_name!r} on {list(distiller.layer_pairs)}"
+        )
+    _, expected = split_distiller_state(distiller.state_dict())
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the Distiller: missing {missing}, unexpected {unexpected}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    distiller.load_state_dict(state, strict=False)
+
+
+class TermAverages:
+    """Weighted running sums of named loss terms, averaged across steps and processes on demand."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.weight = 0.0
+
+    def add(self, terms: dict[str, Tensor], weight: float) -> None:
+        for name, value in terms.items():
+            value = value.detach().float().mean() * weight  # .mean(): DataParallel returns one value per device
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.weight += weight
+
+    def pop_means(self, reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        """Each term's weighted mean (sums and weights added over processes by ``reduce``), then reset."""
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        device = self.sums[names[0]].device
+        packed = torch.stack([self.sums[n].to(device) for n in names] + [torch.tensor(self.weight, device=device)])
+        packed = reduce(packed)
+        self.sums, self.weight = {}, 0.0
+        return {name: (packed[i] / packed[-1]).item() for i, name in enumerate(names)}
+
+
+def _student_predictions(student_outputs: Any, ignore_keys: list[str]) -> Any:
+    """What a plain Trainer would hand to ``compute_metrics`` from the Student's outputs."""
+    if isinstance(student_outputs, dict):
+        predictions = tuple(v for k, v in student_outputs.items() if k not in ignore_keys + ["loss"])
+    elif isinstance(student_outputs, (tuple, list)):
+        predictions = tuple(student_outputs)
+    else:
+        predictions = (student_outputs,)
+    predictions = nested_detach(predictions)
+    return predictions[0] if len(predictions) == 1 else predictions
+
+
+class DistillationTrainer(Trainer):
+    """A `transformers.Trainer` whose ``model`` is a :class:`~amad.Distiller`.
+
+    Construct it exactly like a ``Trainer``. Checkpoints hold the Student (in
+    its own ``save_pretrained`` format) and ``distiller_state.safetensors``,
+    never the Teacher; only Student and learnable loss parameters reach the
+    optimizer.
+    """
+
+    # The Distiller's loss is a mean over its batch: the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: Distiller | None = None, args: Any = None, *pargs: Any, **kwargs: Any) -> None:
+        if model is not None:
+            _require_distiller(model)
+        super().__init__(model, args, *pargs, **kwargs)
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                "DistillationTrainer optimises the Distiller's loss; configure it on the Distiller "
+                "(gt_weight, output_loss, attention_loss) instead of compute_loss_func"
+            )
+        if self.args.label_smoothing_factor != 0:
+            raise ValueError("label_smoothing_factor is not supported: the loss is the Distiller's (use gt_weight)")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("DistillationTrainer supports single-device and DDP runs, not DeepSpeed or FSDP")
+        if self.args.activation_checkpointing:
+            raise ValueError(
+                "activation_checkpointing is not supported by DistillationTrainer (the Distiller is not a "
+                "PreTrainedModel, and recording attention under recomputation is untested)"
+            )
+        # The Distiller's loss is a per-batch mean: skip the Trainer's token counting (an all-gather per step).
+        self.model_accepts_loss_kwargs = False
+        if self.args.label_names is None:
+            self.label_names = find_labels(type(self.distiller.student))
+        self._train_terms = TermAverages()
+        self._eval_terms = TermAverages()
+        self._alpha_logged = False
+
+    @property
+    def distiller(self) -> Distiller:
+        """The (unwrapped) Distiller being trained."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        model = super().call_model_init(trial)
+        _require_distiller(model)
+        return model
+
+    # -- columns, optimizer --------------------------------------------------
+    def _set_signature_columns_if_needed(self) -> None:
+        # The Distiller takes **batch; the columns worth keeping are the ones the Student's forward accepts.
+        if self._signature_columns is None:
+            student = self.distiller.student
+            if hasattr(student, "get_base_model"):
+                student = student.get_base_model()
+            self._signature_columns = list(inspect.signature(student.forward).parameters)
+            self._signature_columns += list({"label", "label_ids", *self.label_names})
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        teacher_ids = {id(p) for p in self.distiller.teacher.parameters()}
+        leaked = sum(id(p) in teacher_ids for group in optimizer.param_groups for p in group["params"])
+        if leaked:
+            raise ValueError(f"the optimizer holds {leaked} Teacher parameter(s); the Teacher must stay frozen")
+        return optimizer
+
+    def floating_point_ops(self, inputs: dict[str, Tensor | Any]) -> int:
+        """The Student's forward + backward estimate (the Teacher's forward is not counted)."""
+        student = self.distiller.student
+        return int(student.floating_point_ops(inputs)) if hasattr(student, "floating_point_ops") else 0
+
+    # -- loss and logging ----------------------------------------------------
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        outputs = model(**inputs)
+        if model.training:
+            steps = getattr(self, "current_gradient_accumulation_steps", 1)
+            self._train_terms.add(outputs.losses, weight=1.0 / steps)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _reduce_sum(self, tensor: Tensor) -> Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log (evaluation logs carry eval_loss, the final one train_loss)
+            logs.update({f"loss/{k}": v for k, v in self._train_terms.pop_means(self._reduce_sum).items()})
+            distiller = self.distiller
+            if not self._alpha_logged and distiller.layer_pairs and distiller.alpha_frozen:
+                logs.update({f"alpha/{k}": v for k, v in distiller.alpha_report().items()})
+                self._alpha_logged = True
+        super().log(logs, start_time)
+
+    # -- evaluation ----------------------------------------------------------
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor | None, Any, Any]:
+        """Distillation loss on the batch; predictions are the Student's outputs, labels the batch's."""
+        inputs = self._prepare_inputs(inputs)
+        if ignore_keys is None:
+            config = getattr(self.distiller.student, "config", None)
+            ignore_keys = list(getattr(config, "keys_to_ignore_at_inference", ["past_key_values"]))
+        labels = None
+        if self.label_names and all(inputs.get(name) is not None for name in self.label_names):
+            labels = nested_detach(tuple(inputs[name] for name in self.label_names))
+            labels = labels[0] if len(labels) == 1 else labels
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        loss = outputs.loss.detach().mean()
+        batch_size = _batch_size(inputs)
+        self._eval_terms.add(outputs.losses, weight=float(batch_size))
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, _student_predictions(outputs.student_outputs, ignore_keys), labels
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(Trainer.evaluation_loop).bind(self, *args, **kwargs)
+        prefix = bound.arguments.get("metric_key_prefix", "eval")
+        self._eval_terms = TermAverages()
+        output = super().evaluation_loop(*args, **kwargs)
+        terms = self._eval_terms.pop_means(self._reduce_sum)
+        output.metrics.update({f"{prefix}_loss/{k}": v for k, v in terms.items()})
+        return output
+
+    # -- saving and loading --------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the Student as ``save_pretrained`` does, plus the Distiller's extras; never the Teacher."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving the Student and distiller state to %s", output_dir)
+        distiller = self.distiller
+        student_state, extras = split_distiller_state(distiller.state_dict() if state_dict is None else state_dict)
+        student = distiller.student
+        if isinstance(student, PreTrainedModel) or hasattr(student, "save_pretrained"):
+            student.save_pretrained(output_dir, state_dict=student_state, is_main_process=True)
+        else:
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in student_state.items()}
+            weights_path = os.path.join(output_dir, "model.safetensors")
+            safetensors.torch.save_file(tensors, weights_path, metadata={"format": "pt"})
+        save_distiller_state(distiller, extras, output_dir)
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # The checkpoint's weights are the Student's own: load them into the Student, then the extras.
+        super()._load_from_checkpoint(resume_from_checkpoint, model=self.distiller.student)
+        load_distiller_state(self.distiller, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # As the base class, but tied weights are the Student's (the base class asks self.model, the Distiller).
+        student = self.distiller.student
+        missing, unexpected = list(load_result.missing_keys), list(load_result.unexpected_keys)
+        tied = getattr(student, "_keys_to_ignore_on_save", None)
+        if missing and tied and set(missing) == set(tied):
+            student.tie_weights()
+        elif missing:
+            logger.warning("There were missing keys in the checkpoint model loaded: %s.", missing)
+        if unexpected:
+            logger.warning("There were unexpected keys in the checkpoint model loaded: %s.", unexpected)
+
+
+def _require_distiller(model: Any) -> None:
+    if not isinstance(model, Distiller):
+        raise TypeError(
+            f"DistillationTrainer needs model= an amad.Distiller (Teacher + Student); got {type(model).__name__}"
+        )
+
+
+def _batch_size(inputs: dict[str, Any]) -> int:
+    for value in inputs.values():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
