@@ -84,13 +84,14 @@ def default_output_loss(temperature: float) -> OutputLoss:
 def query_mask_for(inputs: AttentionInputs, batch: dict) -> Tensor | None:
     """Real query rows of a recorded layer, ``(B, q)`` bool, or None.
 
-    Self-attention (q == k): a query row is real iff the same position is a
-    real key (the diagonal of the key mask). Otherwise: the batch mask of
-    length q (decoder labels / masks).
+    Self-attention with a key mask: the recorder's ``query_mask`` (a row is
+    real iff its token is a key some row may attend). Otherwise (cross-attention,
+    or no mask): the batch mask of length q (decoder labels / masks). The key
+    mask of a cross-attention layer says nothing about its query rows, even
+    when q == k by coincidence.
     """
-    if inputs.mask is not None and inputs.q_len == inputs.k_len:
-        full = inputs.mask.expand(inputs.batch_size, 1, inputs.q_len, inputs.k_len)
-        return full.diagonal(dim1=-2, dim2=-1)[:, 0]
+    if inputs.query_mask is not None:
+        return inputs.query_mask
     return token_mask(batch, inputs.q_len)
 
 
@@ -181,9 +182,10 @@ class Distiller(nn.Module):
             sums = sums / torch.distributed.get_world_size()
         self._alpha_sums += sums
         self._alpha_seen += 1
+        # The estimate so far weighs the terms of the measuring batches too (not 0), frozen after alpha_batches.
+        ref, terms = self._alpha_sums[0], self._alpha_sums[1:]
+        self.alpha.copy_(torch.where(terms > 0, ref / terms.clamp_min(1e-30), torch.ones_like(terms)))
         if int(self._alpha_seen) >= self.alpha_batches:
-            ref, terms = self._alpha_sums[0], self._alpha_sums[1:]
-            self.alpha.copy_(torch.where(terms > 0, ref / terms.clamp_min(1e-30), torch.ones_like(terms)))
             logger.info("alpha='auto' frozen after %d batch(es): %s", int(self._alpha_seen), self.alpha_report())
 
     def alpha_report(self) -> dict[str, float]:
@@ -201,6 +203,9 @@ class Distiller(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     # -- forward ------------------------------------------------------------
+    def _cuda_devices(self) -> list[int]:
+        return sorted({p.device.index or 0 for p in self.teacher.parameters() if p.device.type == "cuda"})
+
     def _term_name(self, i: int) -> str:
         t, s = self.layer_pairs[i]
         return f"attn[{t}->{s}]"
@@ -210,7 +215,9 @@ class Distiller(nn.Module):
         s_names = [s for _, s in self.layer_pairs]
         with ExitStack() as stack:
             t_rec = stack.enter_context(AttentionRecorder(self.teacher, t_names)) if t_names else None
-            with torch.no_grad():
+            # Both models start from the same random state: random input sampling (ViLT draws a random
+            # order of image patches) then agrees when nothing random runs before it (no dropout).
+            with torch.no_grad(), torch.random.fork_rng(devices=self._cuda_devices()):
                 teacher_outputs = self.teacher(**batch)
             s_rec = stack.enter_context(AttentionRecorder(self.student, s_names)) if s_names else None
             student_outputs = self.student(**batch)
@@ -235,7 +242,10 @@ class Distiller(nn.Module):
             losses[self._term_name(i)] = self.alpha[i].to(term.dtype) * term
         if not losses:
             raise ValueError("nothing to optimise: kd_weight=0, gt_weight=0 and no attention loss")
-        total = torch.stack([v.float() for v in losses.values()]).sum()
+        dtype = torch.float32  # half-precision terms are summed in float32; float64 stays float64
+        for value in losses.values():
+            dtype = torch.promote_types(dtype, value.dtype)
+        total = torch.stack([v.to(dtype) for v in losses.values()]).sum()
         return DistillationOutput(
             loss=total, losses=losses, student_outputs=student_outputs, teacher_outputs=teacher_outputs
         )

@@ -5,7 +5,8 @@ where ``T_b``, ``S_b`` are the Teacher and Student probabilities of query rows
 ``b`` (masked entries zeroed, as the map losses do) recomputed from Q/K (+ bias,
 mask, causality), and ``stats_fn`` returns small per-sample statistics. Its
 backward recomputes each Student block with gradients enabled and backpropagates
-the incoming gradient of the statistics through it (per-block checkpointing), so
+the incoming gradient of the statistics through it (per-block checkpointing; a
+pass may instead supply ``dL/dS_b`` in closed form, as the Gram passes do), so
 neither pass ever holds a whole ``(B, H, q, k)`` map: the peak is a few block-sized
 tensors, ``O(B * H * block_size * k)``, independent of ``q``.
 """
@@ -22,8 +23,9 @@ from ..attention import AttentionInputs
 from ._common import apply_mask
 
 #: Largest number of map entries (``B * H * rows * k``) one block may hold when
-#: ``block_size`` is None; measured in benchmarks/loss_streaming.py: blocks of
-#: 2**22 entries (16 MiB in float32) run as fast as bigger ones.
+#: ``block_size`` is None (16 MiB in float32). Measured (benchmarks/README.md):
+#: about 2**21 to 2**22 entries is fastest; smaller blocks pay per-block overhead,
+#: larger ones fall out of the CPU caches (2**24 entries: 2x slower at q = k = 8192).
 DEFAULT_BLOCK_ENTRIES = 2**22
 
 StatsFn = Callable[..., Sequence[Tensor]]
@@ -70,11 +72,20 @@ def block_view(
     )
 
 
-def check_finite(block: Tensor, label: str, inputs: AttentionInputs, start: int, stop: int) -> None:
-    if not torch.isfinite(block).all():
+def check_finite_inputs(inputs: AttentionInputs, label: str, name: str) -> None:
+    """Query, key and bias must be finite: then only an overflow of the logits can spoil the maps."""
+    for part in ("query", "key", "bias"):
+        tensor = getattr(inputs, part)
+        if tensor is not None and not torch.isfinite(tensor.detach()).all():
+            raise ValueError(f"{name}: {label} {part} {tuple(tensor.shape)} contains NaN or infinite values")
+
+
+def _check_finite_sums(totals: Sequence[Tensor], plan: "BlockPlan") -> None:
+    """The summed statistics are finite unless some block's probabilities were not (overflowing logits)."""
+    if not all(bool(torch.isfinite(t).all()) for t in totals):
         raise ValueError(
-            f"streaming loss: {label} probabilities of query rows {start}:{stop} contain NaN or infinite values "
-            f"(maps {inputs.map_shape}); check the recorded query/key/bias"
+            f"streaming loss: the Teacher maps {plan.teacher.map_shape} or Student maps {plan.student.map_shape} "
+            "contain NaN or infinite values (the attention logits overflow?)"
         )
 
 
@@ -87,20 +98,20 @@ class BlockPlan:
     block_size: int
     dtype: torch.dtype
     stats_fn: StatsFn
+    #: Optional ``fn(T_b, S_b, *grad_outputs) -> dL/dS_b``: the backward uses it instead of re-running
+    #: ``stats_fn`` under autograd (cheaper for the Gram statistics; not for passes with extras).
+    student_grad_fn: Callable[..., Tensor] | None = None
 
     def blocks(self) -> range:
         return range(0, self.student.q_len, self.block_size)
 
-    def pair(self, start: int, view: AttentionInputs, *, check: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    def pair(self, start: int, view: AttentionInputs) -> tuple[Tensor, Tensor, Tensor | None]:
         """Teacher block (no gradient), Student block from ``view`` and their common valid mask."""
         stop = min(start + self.block_size, self.student.q_len)
         with torch.no_grad():
             t_view = block_view(self.teacher, start, stop)
             teacher_block = t_view.probs().to(self.dtype)
         student_block = view.probs().to(self.dtype)
-        if check:
-            check_finite(teacher_block, "Teacher", self.teacher, start, stop)
-            check_finite(student_block.detach(), "Student", self.student, start, stop)
         valid = _both(t_view.valid(), view.valid())
         return apply_mask(teacher_block, valid), apply_mask(student_block, valid), valid
 
@@ -117,9 +128,10 @@ class _BlockwiseSum(torch.autograd.Function):
         totals: list[Tensor] | None = None
         for start in plan.blocks():
             view = block_view(student, start, min(start + plan.block_size, student.q_len))
-            out = plan.stats_fn(*plan.pair(start, view, check=True), *extras)
+            out = plan.stats_fn(*plan.pair(start, view), *extras)
             totals = list(out) if totals is None else [a + b for a, b in zip(totals, out)]
         assert totals is not None
+        _check_finite_sums(totals, plan)
         return tuple(totals)
 
     @staticmethod
@@ -144,8 +156,7 @@ class _BlockwiseSum(torch.autograd.Function):
                 bias_leaf = None if bias is None else _rows(bias, start, stop).detach().requires_grad_(need_b)
                 extra_leaves = [e.detach().requires_grad_(n) for e, n in zip(extras, need_extras)]
                 view = block_view(plan.student, start, stop, query=q_rows, key=key_leaf, bias=bias_leaf)
-                outs = plan.stats_fn(*plan.pair(start, view), *extra_leaves)
-                used = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+                used = _block_outputs(plan, start, view, extra_leaves, grad_outputs)
                 leaves = [x for x, n in ((q_rows, need_q), (key_leaf, need_k), (bias_leaf, need_b)) if n]
                 leaves += [x for x, n in zip(extra_leaves, need_extras) if n]
                 if not used or not leaves:
@@ -163,6 +174,18 @@ class _BlockwiseSum(torch.autograd.Function):
         return (None, grad_query, grad_key, grad_bias, *grad_extras)
 
 
+def _block_outputs(plan: BlockPlan, start: int, view: AttentionInputs, extra_leaves: list[Tensor],
+                   grad_outputs: Sequence[Tensor | None]) -> list[tuple[Tensor, Tensor]]:
+    """A block's differentiable outputs, recomputed under autograd, with their incoming gradients."""
+    teacher_block, student_block, valid = plan.pair(start, view)
+    if plan.student_grad_fn is not None:
+        # autograd materialises missing output gradients as zeros, so every grad_output is a tensor
+        d_student = plan.student_grad_fn(teacher_block, student_block.detach(), *grad_outputs)
+        return [(student_block, d_student)]
+    outs = plan.stats_fn(teacher_block, student_block, valid, *extra_leaves)
+    return [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+
+
 def _add(accumulator: Tensor, grad: Tensor | None) -> None:
     if grad is not None:
         accumulator.add_(grad)
@@ -175,6 +198,7 @@ def blockwise_sum(
     *extras: Tensor,
     block_size: int,
     dtype: torch.dtype,
+    student_grad_fn: Callable[..., Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """``sum over query blocks of stats_fn(T_b, S_b, valid_b, *extras)``, differentiable, one block at a time.
 
@@ -182,8 +206,12 @@ def blockwise_sum(
     (``(B, H, rows, k)`` in ``dtype``), their common valid mask ``(B, 1, rows, k)``
     (or None) and ``extras``, and returns a tuple of tensors whose shapes do not
     depend on the rows. Gradients reach the Student's query, key, bias and the extras.
+    ``student_grad_fn(T_b, S_b, *grad_outputs)``, if given, returns ``dL/dS_b``
+    directly (only without extras).
     """
-    plan = BlockPlan(teacher.detach(), student, block_size, dtype, stats_fn)
+    if student_grad_fn is not None and extras:
+        raise ValueError("blockwise_sum: student_grad_fn cannot give the gradients of extras")
+    plan = BlockPlan(teacher.detach(), student, block_size, dtype, stats_fn, student_grad_fn)
     return _BlockwiseSum.apply(plan, student.query, student.key, student.bias, *extras)
 
 
@@ -218,5 +246,4 @@ def teacher_blocks(
     for start in range(0, teacher.q_len, block_size):
         stop = min(start + block_size, teacher.q_len)
         block = block_view(teacher, start, stop).probs().to(dtype)
-        check_finite(block, "Teacher", teacher, start, stop)
         yield apply_mask(block, common_valid(teacher, student, start, stop))

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import streaming as streaming_forms
 from ._common import (
     apply_mask,
     check_maps,
@@ -221,6 +222,7 @@ class AMADMSELoss(_PresetAMAD):
 
     variant = "mse"
     map_fn = staticmethod(partial(amad, variant="mse"))
+    streaming_fn = staticmethod(partial(streaming_forms.amad, variant="mse"))
 
 
 @register("amad-kl")
@@ -229,6 +231,7 @@ class AMADKLLoss(_PresetAMAD):
 
     variant = "kl"
     map_fn = staticmethod(partial(amad, variant="kl"))
+    streaming_fn = staticmethod(partial(streaming_forms.amad, variant="kl"))
 
 
 @register("amad-token")
@@ -237,6 +240,7 @@ class AMADTokenLoss(_PresetAMAD):
 
     variant = "token"
     map_fn = staticmethod(partial(amad, variant="token"))
+    streaming_fn = staticmethod(partial(streaming_forms.amad, variant="token"))
 
 
 @register("amad-s2t")
@@ -245,6 +249,7 @@ class AMADS2TLoss(_PresetAMAD):
 
     variant = "s2t"
     map_fn = staticmethod(partial(amad, variant="s2t"))
+    streaming_fn = staticmethod(partial(streaming_forms.amad, variant="s2t"))
 
 
 @register("amad-projected")

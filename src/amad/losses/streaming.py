@@ -14,7 +14,8 @@ How each loss becomes a sum over blocks:
   ``G_ts = T S^T``, ``G_ss = S S^T`` and the row norms ``|t_i|``, ``W = G_ts / (|t_i| |s_j|)``,
   ``G^ss = G_ss / (|s_j| |s_k|)``, ``A = softmax_j(W / temperature)``:
   ``||T^_i - M^_i||^2 = 2 - 2 (sum_j A_ij W_ij) / sqrt(a_i^T G^ss a_i)``.
-  One pass accumulates the Grams; the loss is a small function of them.
+  One pass accumulates the Grams; the loss is a small function of them, and the
+  backward forms ``dL/dS_b = dG_ts^T T_b + (dG_ss + dG_ss^T) S_b`` block by block.
 * AMAD ``"kl"``: a first pass accumulates ``T S^T`` and the row sums (and norms
   for the cosine alignment) to build ``A``; a second pass sums the per-row KL
   terms of ``T`` against ``M = A S``, with gradients through both ``A`` and ``S``.
@@ -26,9 +27,15 @@ How each loss becomes a sum over blocks:
   ``<D X_p, D Y>`` and ``||D Y||^2``: one Teacher-only pass per merge round
   accumulates them; a final pass sums the per-row KL terms against the Student.
 
-Half-precision inputs are computed in float32, like the map losses. In float32
-the Gram identity computes the loss as ``2 - 2c`` with ``c`` near 1: its absolute
-error is about ``1e-7`` per head (relative error grows as the loss approaches 0).
+Half-precision inputs are computed in float32 (like the AMAD map losses; the
+one-to-one, head-mean and SHD map forms compute in the input precision, so in
+half precision the two forms agree to that precision). The Teacher never
+receives a gradient. Accuracy in float32: the Gram identity
+computes each head's loss as ``2 - 2c``, so its absolute error is that of ``c``
+(about ``1e-7`` on small maps); relative to float64 it is worse than the
+materialised loss only when a head's loss is far below 1e-2 (nearly uniform
+maps), and better on large maps (q = k = 2048: 1e-6 against 2e-4, because the
+materialised loss sums millions of float32 squares).
 """
 
 from __future__ import annotations
@@ -37,8 +44,16 @@ import torch
 from torch import Tensor
 
 from ..attention import AttentionInputs
-from ._blockwise import blockwise_sum, resolve_block_size, teacher_blocks, valid_counts
-from ._common import apply_mask, kl_elements, reduce_per_sample, rownorm1, safe_normalize
+from ._blockwise import StatsFn, blockwise_sum, check_finite_inputs, resolve_block_size, teacher_blocks, valid_counts
+from ._common import (
+    apply_mask,
+    check_reduction,
+    check_temperature,
+    kl_elements,
+    reduce_per_sample,
+    rownorm1,
+    safe_normalize,
+)
 from .base import check_pair
 
 __all__ = ["amad", "one_to_one", "head_mean", "shd", "explained_rows_loss"]
@@ -47,7 +62,9 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 # -- shared set-up -------------------------------------------------------------
-def _prepare(teacher: AttentionInputs, student: AttentionInputs, block_size: int | None, name: str):
+def _prepare(
+    teacher: AttentionInputs, student: AttentionInputs, block_size: int | None, name: str
+) -> tuple[int, torch.dtype, torch.dtype]:
     """Validate the pair; return (rows per block, working dtype, output dtype)."""
     for label, x in (("teacher", teacher), ("student", student)):
         if not isinstance(x, AttentionInputs):
@@ -55,6 +72,8 @@ def _prepare(teacher: AttentionInputs, student: AttentionInputs, block_size: int
         if not x.query.is_floating_point() or not x.key.is_floating_point():
             raise TypeError(f"{name}: {label} query/key must be floating point; got {x.query.dtype}/{x.key.dtype}")
     check_pair(teacher, student, name=name)
+    check_finite_inputs(teacher, "Teacher", name)
+    check_finite_inputs(student, "Student", name)
     out_dtype = torch.promote_types(teacher.query.dtype, student.query.dtype)
     work = torch.float32 if out_dtype in _HALF else out_dtype
     return resolve_block_size(block_size, teacher, student), work, out_dtype
@@ -108,16 +127,26 @@ def _grams(explained: Tensor, explaining: Tensor) -> tuple[Tensor, Tensor, Tenso
     return x @ y.mT, y @ y.mT, (x * x).sum(dim=-1)
 
 
-def _mse_grams(t: Tensor, s: Tensor, valid: Tensor | None):
+def _mse_grams(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     return _grams(t, s)
 
 
-def _s2t_grams(t: Tensor, s: Tensor, valid: Tensor | None):
+def _mse_student_grad(t: Tensor, s: Tensor, d_ts: Tensor, d_ss: Tensor, _d_t_sq: Tensor) -> Tensor:
+    """``dL/dS_b`` from ``dL/dG_ts`` and ``dL/dG_ss``: ``dG_ts^T T_b + (dG_ss + dG_ss^T) S_b``."""
+    return torch.einsum("bij,birk->bjrk", d_ts, t) + torch.einsum("bjl,blrk->bjrk", d_ss + d_ss.mT, s)
+
+
+def _s2t_grams(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     return _grams(s, t)
 
 
+def _s2t_student_grad(t: Tensor, s: Tensor, d_st: Tensor, _d_tt: Tensor, d_s_sq: Tensor) -> Tensor:
+    """``dL/dS_b`` from ``dL/dG_st`` and ``dL/d|s_j|^2``: ``dG_st T_b + 2 d|s|^2 S_b``."""
+    return torch.einsum("bji,birk->bjrk", d_st, t) + 2 * d_s_sq[..., None, None] * s
+
+
 # -- AMAD variant 2: alignment pass, then KL pass ------------------------------
-def _kl_alignment_stats(cosine: bool):
+def _kl_alignment_stats(cosine: bool) -> StatsFn:
     def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, ...]:
         ft, fs = _flat(t), _flat(s)
         sums = (ft @ fs.mT, ft.sum(dim=-1), fs.sum(dim=-1))
@@ -126,8 +155,10 @@ def _kl_alignment_stats(cosine: bool):
     return stats
 
 
-def _kl_terms(eps: float):
-    def stats(t: Tensor, s: Tensor, valid: Tensor | None, weights: Tensor, t_sum: Tensor, s_sum: Tensor):
+def _kl_terms(eps: float) -> StatsFn:
+    def stats(
+        t: Tensor, s: Tensor, valid: Tensor | None, weights: Tensor, t_sum: Tensor, s_sum: Tensor
+    ) -> tuple[Tensor]:
         t_l1 = safe_normalize(t, t_sum[..., None, None])
         mixed = torch.einsum("bij,bjrk->birk", weights, safe_normalize(s, s_sum[..., None, None]))
         return (_masked_sum(kl_elements(rownorm1(t_l1), rownorm1(mixed), eps), valid),)
@@ -142,7 +173,8 @@ def _masked_sum(elements: Tensor, valid: Tensor | None) -> Tensor:
     return elements.sum(dim=(1, 2, 3))
 
 
-def _kl_per_sample(teacher, student, block, work, alignment, temperature, eps) -> Tensor:
+def _kl_per_sample(teacher: AttentionInputs, student: AttentionInputs, block: int, work: torch.dtype,
+                   alignment: str, temperature: float, eps: float) -> Tensor:
     cosine = alignment == "cosine"
     first = blockwise_sum(teacher, student, _kl_alignment_stats(cosine), block_size=block, dtype=work)
     g_ts, t_sum, s_sum = first[:3]
@@ -155,7 +187,7 @@ def _kl_per_sample(teacher, student, block, work, alignment, temperature, eps) -
 
 
 # -- AMAD variant 4: per query row ---------------------------------------------
-def _token_terms(alignment: str, temperature: float, eps: float):
+def _token_terms(alignment: str, temperature: float, eps: float) -> StatsFn:
     from .alignment import _token_elements  # the map loss's own row terms (lazy: alignment imports us)
 
     def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor]:
@@ -190,8 +222,8 @@ def amad(
     block, work, out_dtype = _prepare(teacher, student, block_size, name)
     heads = student.num_heads if variant == "s2t" else teacher.num_heads
     if variant in ("mse", "s2t"):
-        grams = _mse_grams if variant == "mse" else _s2t_grams
-        g_xy, g_yy, x_sq = blockwise_sum(teacher, student, grams, block_size=block, dtype=work)
+        grams, grad = (_mse_grams, _mse_student_grad) if variant == "mse" else (_s2t_grams, _s2t_student_grad)
+        g_xy, g_yy, x_sq = blockwise_sum(teacher, student, grams, block_size=block, dtype=work, student_grad_fn=grad)
         per_sample = explained_rows_loss(g_xy, g_yy, x_sq, temperature)
     elif variant == "kl":
         per_sample = _kl_per_sample(teacher, student, block, work, alignment, temperature, eps)
@@ -207,7 +239,7 @@ def _row_kl(t: Tensor, s: Tensor, valid: Tensor | None) -> Tensor:
     return _masked_sum(kl_elements(rownorm1(t), rownorm1(s)), valid)
 
 
-def _matched_stats(heads: int, kind: str):
+def _matched_stats(heads: int, kind: str) -> StatsFn:
     def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, ...]:
         t, s = t[:, :heads], s[:, :heads]
         if kind == "kl":
@@ -230,7 +262,6 @@ def one_to_one(
 
     ``kind="mse"``: ``||T^_j - S^_j||^2 = 2 - 2 <t_j, s_j> / (|t_j| |s_j|)`` from three sums per head.
     """
-    from ._common import check_reduction
     from .one_to_one import check_kind
 
     check_kind(kind, name="streaming one_to_one")
@@ -247,7 +278,7 @@ def one_to_one(
     return _reduce(per_sample, heads, teacher, student, block, reduction, out_dtype)
 
 
-def _head_mean_stats(kind: str):
+def _head_mean_stats(kind: str) -> StatsFn:
     def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor]:
         t_mean, s_mean = t.mean(dim=1, keepdim=True), s.mean(dim=1, keepdim=True)
         if kind == "kl":
@@ -266,7 +297,6 @@ def head_mean(
     reduction: str = "mean",
 ) -> Tensor:
     """Streaming :func:`amad.losses.head_mean`: mean Teacher map vs mean Student map, per element or per row."""
-    from ._common import check_reduction
     from .one_to_one import check_kind
 
     check_kind(kind, name="streaming head_mean")
@@ -332,7 +362,7 @@ def squeeze_coefficients(teacher: AttentionInputs, student: AttentionInputs, blo
     return coeffs
 
 
-def _shd_stats(temperature: float, heads: int, coeffs: Tensor | None):
+def _shd_stats(temperature: float, heads: int, coeffs: Tensor | None) -> StatsFn:
     from .shd import soften
 
     def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor]:
@@ -352,9 +382,6 @@ def shd(
     reduction: str = "mean",
 ) -> Tensor:
     """Streaming :func:`amad.losses.shd`; the Teacher's values come from ``teacher.value``."""
-    from ._common import check_reduction
-    from .shd import check_temperature
-
     check_reduction(reduction, name="streaming shd")
     check_temperature(temperature, name="streaming shd")
     block, work, out_dtype = _prepare(teacher, student, block_size, "streaming shd")
