@@ -17,27 +17,28 @@ backward and an AdamW step of the Student:
 Attention dropout is 0 in both models (so SDPA keeps its fused kernel in training and all
 paths compute the same maps); hidden dropout keeps BERT's 0.1. Alpha is fixed (0.2).
 
-Every (configuration, sequence, round) runs twice, each time in a fresh Python process: once
-for time, once for memory (the memory set-up below slows allocation-heavy code, so it must
-not be timed). Each round runs every configuration once, in alternating order, so a change
-of machine load hits all of them alike.
+Time (one fresh process per sequence length, plain glibc allocator settings): every
+configuration gets its own models and optimizer, is warmed up (``--warmup`` steps), then
+``--cycles`` cycles each run one step of every configuration, in alternating order. A
+configuration's time is the median of its steps; its ratio to another is the median over
+cycles of the ratio of their steps in the same cycle. Interleaving makes the ratios robust
+on a shared machine whose load drifts by tens of percent within minutes (measured here:
+separate processes run a few minutes apart disagreed by up to 50%).
 
-Time: the median step time over ``--steps`` steps after ``--warmup`` steps, pooled over the
-rounds; plain glibc allocator settings.
-
-Memory: glibc is told to serve every allocation above 64 KiB with mmap
-(``MALLOC_MMAP_THRESHOLD_=65536``), so freed tensors go back to the kernel and the resident
-set follows live memory. After ``--warmup`` steps (weights, AdamW state, lazy
+Memory (one fresh process per configuration and length): glibc is told to serve every
+allocation above 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_=65536``), so freed tensors go back
+to the kernel and the resident set follows live memory (this slows allocation-heavy code,
+so these processes are not timed). After ``--warmup`` steps (weights, AdamW state, lazy
 initialisations resident), the process resets the kernel's high-water mark of its RSS
-(``/proc/self/clear_refs`` <- 5), reads its RSS, runs one step and reads ``VmHWM`` twice:
-after the backward pass and after the optimizer step. Peak extra = VmHWM - RSS before: what
-the step needed beyond the resident baseline at its worst moment (activations, maps,
-gradients, AdamW temporaries), measured by the kernel without sampling; the median over the
-rounds. The "fwd+bwd" column is the same up to the end of the backward pass: with a
+(``/proc/self/clear_refs`` <- 5), reads its RSS, runs one step and reads ``VmHWM`` after the
+backward pass and after the optimizer step. Peak extra = VmHWM - RSS before: what the step
+needed beyond the resident baseline at its worst moment (activations, maps, gradients,
+AdamW temporaries), measured by the kernel without sampling (deterministic: repeated runs
+agree to the MiB). "fwd+bwd" is the same up to the end of the backward pass: with a
 30522-token vocabulary the optimizer step (the word embeddings' dense gradient and AdamW
 temporaries) sets the whole step's peak at short sequences.
 
-    .venv/bin/python benchmarks/train_step.py [--seqs 512 2048] [--steps 3] [--rounds 2]
+    .venv/bin/python benchmarks/train_step.py [--seqs 512 2048] [--cycles 5] [--threads 1]
     .venv/bin/python benchmarks/train_step.py --profile streaming --profile-seq 2048
 """
 
@@ -121,49 +122,69 @@ def loss_function(config: str, teacher, student) -> tuple[Callable[[dict], objec
     return (lambda batch: distiller(**batch).loss), list(distiller.parameters())
 
 
-def measure(config: str, seq: int, warmup: int, steps: int, threads: int, mode: str, layers: list[int]) -> dict:
-    """One configuration in this (fresh) process: step times (mode "time") or peak extra memory ("memory")."""
+def training_step(config: str, seq: int, layers: list[int], marks: list[int] | None = None):
+    """Build ``config`` and return a function running one training step (appending VmHWM after backward to marks)."""
     import torch
 
-    torch.set_num_threads(threads)
-    teacher, student, batch, (loss_of, params) = build(config, seq, tuple(layers))
+    _, _, batch, (loss_of, params) = build(config, seq, tuple(layers))
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    marks: list[int] = []
 
     def step() -> None:
         loss = loss_of(batch)
         loss.backward()
         del loss
-        marks.append(_rss_kib("VmHWM") if mode == "memory" else 0)
+        if marks is not None:
+            marks.append(_rss_kib("VmHWM"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_configs(configs: list[str], seq: int, warmup: int, cycles: int, threads: int, layers: list[int]) -> dict:
+    """Step times ``{config: [one per cycle]}``, the configurations interleaved in one process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    steps = {config: training_step(config, seq, layers) for config in configs}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {config: [] for config in configs}
+    for cycle in range(cycles):
+        for config in configs if cycle % 2 == 0 else reversed(configs):
+            gc.collect()
+            start = time.perf_counter()
+            steps[config]()
+            times[config].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(config: str, seq: int, warmup: int, threads: int, layers: list[int]) -> dict:
+    """Peak extra memory (MiB) of one step of ``config``, in this fresh process (see the module doc)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    marks: list[int] = []
+    step = training_step(config, seq, layers, marks)
     for _ in range(warmup):
         step()
     gc.collect()
-    if mode == "memory":
-        _reset_peak()
-        baseline = _rss_kib("VmRSS")
-        step()
-        return {"config": config, "seq": seq, "peak_mib": (_rss_kib("VmHWM") - baseline) / 1024,
-                "fwd_bwd_peak_mib": (marks[-1] - baseline) / 1024, "baseline_mib": baseline / 1024}
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"config": config, "seq": seq, "times": times}
+    _reset_peak()
+    baseline = _rss_kib("VmRSS")
+    step()
+    return {"peak_mib": (_rss_kib("VmHWM") - baseline) / 1024, "fwd_bwd_peak_mib": (marks[-1] - baseline) / 1024}
 
 
-def run_isolated(config: str, seq: int, warmup: int, steps: int, threads: int, mode: str,
-                 layers: list[int]) -> dict:
+def run_isolated(task: str, arguments: list, *, memory: bool) -> dict:
+    """``task(*arguments)`` in a fresh Python process (glibc set up for memory measurement if ``memory``)."""
     env = dict(os.environ)
-    if mode == "memory":
+    if memory:
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, __file__, "--one", json.dumps([config, seq, warmup, steps, threads, mode, layers])]
+    cmd = [sys.executable, __file__, "--one", json.dumps([task, arguments])]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"{config} seq {seq} ({mode}) failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{task}{arguments} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -187,47 +208,45 @@ def check_equivalence(seq: int = 64) -> float:
     return max(abs(float(a - terms[0])) for a in terms)
 
 
-def collect(seqs: list[int], rounds: int, warmup: int, steps: int, threads: int, layers: list[int],
+def collect(seqs: list[int], cycles: int, warmup: int, threads: int, layers: list[int],
             configs: tuple[str, ...] = CONFIGS) -> list[dict]:
     rows = []
     for seq in seqs:
-        merged = {c: {"config": c, "seq": seq, "times": [], "peaks": [], "fwd_bwd_peaks": []} for c in configs}
-        for r in range(rounds):
-            for config in configs if r % 2 == 0 else reversed(configs):
-                timed = run_isolated(config, seq, warmup, steps, threads, "time", layers)
-                memory = run_isolated(config, seq, warmup, steps, threads, "memory", layers)
-                row = merged[config]
-                row["times"] += timed["times"]
-                row["peaks"].append(memory["peak_mib"])
-                row["fwd_bwd_peaks"].append(memory["fwd_bwd_peak_mib"])
-                print(f"  seq {seq} round {r} {config}: step {statistics.median(timed['times']):.3f} s, "
-                      f"peak extra {memory['peak_mib']:.0f} MiB (fwd+bwd {memory['fwd_bwd_peak_mib']:.0f}), "
-                      f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
-        for row in merged.values():
-            row["time_s"] = statistics.median(row["times"])
-            row["peak_mib"] = statistics.median(row["peaks"])
-            row["fwd_bwd_peak_mib"] = statistics.median(row["fwd_bwd_peaks"])
+        times = run_isolated("time", [list(configs), seq, warmup, cycles, threads, layers], memory=False)
+        for config in configs:
+            memory = run_isolated("memory", [config, seq, warmup, threads, layers], memory=True)
+            row = {"config": config, "seq": seq, "times": times[config], "time_s": statistics.median(times[config]),
+                   **memory}
             rows.append(row)
+            print(f"  seq {seq} {config}: steps {[round(t, 2) for t in times[config]]} s, peak extra "
+                  f"{memory['peak_mib']:.0f} MiB (fwd+bwd {memory['fwd_bwd_peak_mib']:.0f}), "
+                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     return rows
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """Median over cycles of a's step time / b's step time in the same cycle."""
+    return statistics.median(x / y for x, y in zip(a["times"], b["times"]))
 
 
 def report(rows: list[dict]) -> str:
     by = {(r["seq"], r["config"]): r for r in rows}
-    lines = ["| seq | configuration | step s (median) | x kd | peak extra MiB | over kd MiB | fwd+bwd peak MiB |",
+    lines = ["| seq | configuration | step s (median) | x kd (paired) | peak extra MiB | over kd MiB "
+             "| fwd+bwd peak MiB |",
              "|---|---|---|---|---|---|---|"]
     for seq, config in sorted(by, key=lambda k: (k[0], CONFIGS.index(k[1]))):
         r, kd = by[(seq, config)], by[(seq, "kd")]
-        lines.append(f"| {seq} | {config} | {r['time_s']:.3f} | {r['time_s'] / kd['time_s']:.2f} | "
+        lines.append(f"| {seq} | {config} | {r['time_s']:.3f} | {paired_ratio(r, kd):.2f} | "
                      f"{r['peak_mib']:.0f} | {r['peak_mib'] - kd['peak_mib']:+.0f} | {r['fwd_bwd_peak_mib']:.0f} |")
     lines.append("")
     for seq in sorted({r["seq"] for r in rows}):
         kd, st, oa = (by.get((seq, c)) for c in ("kd", "streaming", "output_attns"))
         if kd is None or st is None:
             continue
-        ratios = {"time_streaming_over_kd": (st["time_s"] / kd["time_s"], "<=")}
+        ratios = {"time_streaming_over_kd": (paired_ratio(st, kd), "<=")}
         if oa is not None:
             extra = {key: (oa[key] - kd[key], st[key] - kd[key]) for key in ("peak_mib", "fwd_bwd_peak_mib")}
-            ratios["time_output_attns_over_streaming"] = (oa["time_s"] / st["time_s"], ">=")
+            ratios["time_output_attns_over_streaming"] = (paired_ratio(oa, st), ">=")
             ratios["memory_ratio"] = (extra["peak_mib"][0] / max(extra["peak_mib"][1], 1.0), ">=")
         for name, (value, op) in ratios.items():
             target = TARGETS[name]
@@ -269,9 +288,8 @@ def _null():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per process")
+    parser.add_argument("--cycles", type=int, default=5, help="timed steps per configuration (interleaved)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--layers", type=int, nargs=2, default=[2, 2], metavar=("TEACHER", "STUDENT"))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -285,7 +303,8 @@ def main() -> None:
 
     threads = args.threads or torch.get_num_threads()
     if args.one:
-        print(json.dumps(measure(*json.loads(args.one))))
+        task, arguments = json.loads(args.one)
+        print(json.dumps((time_configs if task == "time" else peak_memory)(*arguments)))
         return
     if args.profile:
         profile(args.profile, args.profile_seq, threads, args.profile_rows, args.layers)
@@ -294,11 +313,11 @@ def main() -> None:
     print(f"CPU cores {cores}, torch threads {threads}, torch {torch.__version__}; load average at start "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"AMAD paths agree on the attention term (seq 64): max abs difference {check_equivalence():.2e}")
-    rows = collect(args.seqs, args.rounds, args.warmup, args.steps, threads, args.layers, tuple(args.configs))
+    rows = collect(args.seqs, args.cycles, args.warmup, threads, args.layers, tuple(args.configs))
     end = os.getloadavg()
     print(f"Teacher 768/12 heads/{args.layers[0]} layers, Student 512/8 heads/{args.layers[1]} layers, batch 1; "
-          f"{args.rounds} rounds x "
-          f"{args.steps} steps after {args.warmup} warm-up; load average at end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}"
+          f"{args.cycles} interleaved steps per configuration after {args.warmup} warm-up; "
+          f"load average at end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}"
           + (f" -- LOADED: the 1-minute load exceeded the {cores} cores, timings are noisy" if
              max(load[0], end[0]) > (cores or 1) else ""))
     print(report(rows))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from amad.demo.minilm_text import (
-    STUDENT_SHAPES, EmbeddingLoss, SentenceEmbeddingOutput, SentenceStudent, build_student, doc_sentences, embedding_basis, embedding_scores,
-    encode, mean_pool, neighbour_agreement, split_sentences,
+    STUDENT_SHAPES, EmbeddingLoss, SentenceEmbeddingOutput, SentenceStudent, build_student, doc_sentences,
+    embedding_basis, embedding_scores, encode, mean_pool, neighbour_agreement, split_sentences,
 )
 
 TOPICS = {

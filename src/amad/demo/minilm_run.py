@@ -63,9 +63,9 @@ class TextBudget:
     students: tuple[str, ...]
     steps: int
     batch_size: int
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     max_length: int = 32  # sentences with more tokens are left out (none is cut)
-    held_out: int = 300
+    held_out: int = 250
     max_train: int = 0  # 0: every remaining sentence
     embedding_loss: str = "cosine"
     layers: str = "last"
@@ -73,8 +73,8 @@ class TextBudget:
 
 BUDGETS: dict[str, TextBudget] = {
     "tiny": TextBudget(("h4-d256-l3",), steps=2, batch_size=4, held_out=12, max_train=16),
-    "quick": TextBudget(("h4-d256-l3",), steps=150, batch_size=32),
-    "full": TextBudget(tuple(STUDENT_SHAPES), steps=400, batch_size=32),
+    "quick": TextBudget(("h4-d256-l3",), steps=160, batch_size=16),
+    "full": TextBudget(tuple(STUDENT_SHAPES), steps=600, batch_size=32),
 }
 DEFAULT_SEEDS = {"tiny": 1, "quick": 1, "full": 3}
 
@@ -280,7 +280,8 @@ def write_text_outputs(out: Path, plots: bool = True, task_order: Sequence[str] 
     notes = {t: f"Student {t[len(TASK_PREFIX) + 1:]} (heads, width, layers); Teacher h12-d384-l6."
              for t in {r["task"] for r in records}}
     table = report.write_markdown(out / "results.md", records, task_order=task_order, method_order=method_order,
-                                  metric_order=METRICS, preamble=PREAMBLE.format(layers=_LAYER_WORDS[layers]), task_notes=notes)
+                                  metric_order=METRICS, preamble=PREAMBLE.format(layers=_LAYER_WORDS[layers]),
+                                  task_notes=notes)
     if plots:
         report.plot_metric_bars(records, out / "plots", method_order=method_order)
         for task, (method, seed) in report.best_amad_runs(records).items():

@@ -92,7 +92,8 @@ def split_sentences(sentences: Sequence[str], held_out: int, seed: int) -> tuple
     if len(set(sentences)) != len(sentences):
         raise ValueError("split_sentences needs unique sentences (a duplicate could land on both sides)")
     if not 2 <= held_out < len(sentences):
-        raise ValueError(f"held_out must be in [2, {len(sentences) - 1}] for {len(sentences)} sentences; got {held_out}")
+        raise ValueError(f"held_out must be in [2, {len(sentences) - 1}] for {len(sentences)} sentences; "
+                         f"got {held_out}")
     order = list(sentences)
     random.Random(seed).shuffle(order)
     return order[held_out:], order[:held_out]

@@ -180,8 +180,12 @@ def _block_outputs(plan: BlockPlan, start: int, view: AttentionInputs, extra_lea
     teacher_block, student_block, valid = plan.pair(start, view)
     if plan.student_grad_fn is not None:
         # autograd materialises missing output gradients as zeros, so every grad_output is a tensor
-        d_student = plan.student_grad_fn(teacher_block, student_block.detach(), *grad_outputs)
-        return [(student_block, d_student)]
+        # mixed precision (autocast): do the small products in the gradients' dtype, return the block's
+        dtype = next(g.dtype for g in grad_outputs if g is not None)
+        d_student = plan.student_grad_fn(
+            teacher_block.to(dtype), student_block.detach().to(dtype), *grad_outputs
+        )
+        return [(student_block, d_student.to(student_block.dtype))]
     outs = plan.stats_fn(teacher_block, student_block, valid, *extra_leaves)
     return [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
 

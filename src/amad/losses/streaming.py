@@ -133,7 +133,7 @@ def _mse_grams(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tens
 
 def _mse_student_grad(t: Tensor, s: Tensor, d_ts: Tensor, d_ss: Tensor, _d_t_sq: Tensor) -> Tensor:
     """``dL/dS_b`` from ``dL/dG_ts`` and ``dL/dG_ss``: ``dG_ts^T T_b + (dG_ss + dG_ss^T) S_b``."""
-    return torch.einsum("bij,birk->bjrk", d_ts, t) + torch.einsum("bjl,blrk->bjrk", d_ss + d_ss.mT, s)
+    return torch.einsum("bij,birk->bjrk", d_ts, t).add_(torch.einsum("bjl,blrk->bjrk", d_ss + d_ss.mT, s))
 
 
 def _s2t_grams(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,7 +142,7 @@ def _s2t_grams(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tens
 
 def _s2t_student_grad(t: Tensor, s: Tensor, d_st: Tensor, _d_tt: Tensor, d_s_sq: Tensor) -> Tensor:
     """``dL/dS_b`` from ``dL/dG_st`` and ``dL/d|s_j|^2``: ``dG_st T_b + 2 d|s|^2 S_b``."""
-    return torch.einsum("bji,birk->bjrk", d_st, t) + 2 * d_s_sq[..., None, None] * s
+    return torch.einsum("bji,birk->bjrk", d_st, t).add_(s * (2 * d_s_sq[..., None, None]))
 
 
 # -- AMAD variant 2: alignment pass, then KL pass ------------------------------
