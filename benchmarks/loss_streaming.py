@@ -83,31 +83,31 @@ def plain_amad_mse(teacher, student) -> torch.Tensor:
     return ((t_hat - mixed / mixed.norm(dim=-1, keepdim=True)) ** 2).mean()
 
 
-def streaming_autograd(teacher, student) -> torch.Tensor:
+def streaming_autograd(teacher, student, block_size: int | None = None) -> torch.Tensor:
     """The library's streaming pass, but its backward re-runs each block's Gram products under autograd."""
     from amad.losses._blockwise import blockwise_sum, resolve_block_size
     from amad.losses.streaming import _mse_grams, explained_rows_loss
 
-    block = resolve_block_size(None, teacher, student)
+    block = resolve_block_size(block_size, teacher, student)
     g_ts, g_ss, t_sq = blockwise_sum(teacher, student, _mse_grams, block_size=block, dtype=torch.float32)
     n = student.q_len * student.k_len
     return explained_rows_loss(g_ts, g_ss, t_sq, 1.0).sum() / (student.batch_size * teacher.num_heads * n)
 
 
-def loss_fn(method: str):
+def loss_fn(method: str, block_size: int | None = None):
     from amad.losses import alignment, streaming
 
     return {
-        "streaming": lambda t, s: streaming.amad(t, s, variant="mse"),
-        "streaming-autograd": streaming_autograd,
+        "streaming": lambda t, s: streaming.amad(t, s, variant="mse", block_size=block_size),
+        "streaming-autograd": lambda t, s: streaming_autograd(t, s, block_size),
         "materialised": lambda t, s: alignment.amad(t.probs(), s.probs(), variant="mse"),
         "plain": plain_amad_mse,
     }[method]
 
 
-def worker(method: str, q: int, repeats: int) -> dict:
+def worker(method: str, q: int, repeats: int, block_size: int | None) -> dict:
     """Runs in a fresh process: one measured fwd+bwd for memory, then ``repeats`` timed ones."""
-    fn = loss_fn(method)
+    fn = loss_fn(method, block_size)
     small_t, small_s = make_inputs(64)
     fn(small_t, small_s).backward()  # load kernels and lazy imports outside the measurement
     teacher, student = make_inputs(q)
@@ -132,6 +132,20 @@ def worker(method: str, q: int, repeats: int) -> dict:
     }
 
 
+def accuracy(q: int) -> None:
+    """Relative error of the float32 losses against the float64 materialised loss on the same Q/K."""
+    from amad.losses import alignment, streaming
+
+    teacher, student = make_inputs(q)
+    with torch.no_grad():
+        exact = alignment.amad(teacher.to(torch.float64).probs(), student.to(torch.float64).probs()).item()
+        for label, value in (
+            ("streaming float32", streaming.amad(teacher, student).item()),
+            ("materialised float32", alignment.amad(teacher.probs(), student.probs()).item()),
+        ):
+            print(f"q=k={q} {label}: relative error {abs(value - exact) / exact:.1e} (float64 loss {exact:.6e})")
+
+
 # -- the driver ---------------------------------------------------------------------------
 def estimate_bytes(method: str, q: int, measured: dict) -> int:
     """Extrapolate from the largest smaller size already measured (maps grow as q^2; streaming ~ q)."""
@@ -151,6 +165,8 @@ def run_one(method: str, q: int, args, measured: dict) -> dict:
         return {"does_not_fit_gib": need / GIB}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, __file__, "--worker", method, str(q), "--repeats", str(args.repeats)]
+    if args.block_size is not None:
+        cmd += ["--block-size", str(args.block_size)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"failed": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -180,14 +196,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--budget-gib", type=float, default=24.0)
+    parser.add_argument("--block-size", type=int, help="query rows per block (streaming; default: the library's)")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "Q"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--accuracy", type=int, metavar="Q", help="only compare float32 losses with float64 at q=k=Q")
     args = parser.parse_args()
+    if args.accuracy:
+        accuracy(args.accuracy)
+        return
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats)))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats, args.block_size)))
         return
     print(f"# torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load {os.getloadavg()}, "
-          f"H_t={HEADS_T} H_s={HEADS_S} d={HEAD_DIM} B=1 float32")
+          f"H_t={HEADS_T} H_s={HEADS_S} d={HEAD_DIM} B=1 float32, block size {args.block_size or 'default'}")
     measured: dict = {}
     for q in args.sizes:
         for method in args.methods:

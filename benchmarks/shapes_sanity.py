@@ -86,6 +86,7 @@ def train(task: str, size: str, data: Any, tokenizer: Any, args: argparse.Namesp
     collate = make_collate(tokenizer)
     model = build(task, size, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
     loader = DataLoader(train_rows, batch_size=args.batch, shuffle=True, collate_fn=collate, drop_last=True)
     start, cpu_start, step, losses = time.time(), time.process_time(), 0, []
     while step < args.steps and time.time() - start < 60 * args.minutes:
@@ -94,6 +95,7 @@ def train(task: str, size: str, data: Any, tokenizer: Any, args: argparse.Namesp
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            warmup.step()
             optimizer.zero_grad()
             losses.append(loss.item())
             step += 1
@@ -115,11 +117,12 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["teacher", "student"])
     parser.add_argument("--minutes", type=float, default=2.0, help="wall-clock training budget per model")
     parser.add_argument("--steps", type=int, default=10**9, help="step budget per model")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-size", type=int, default=ShapesConfig.train_size)
     parser.add_argument("--eval-size", type=int, default=1000, help="test rows evaluated")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest for these sizes on a busy CPU")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

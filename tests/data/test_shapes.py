@@ -22,6 +22,7 @@ from amad.data import (
     generate_shapes,
     load_shapes,
     render_scene,
+    sample_scene,
     save_shapes,
     translation_view,
     vqa_view,
@@ -101,6 +102,23 @@ def test_images_match_their_scene(data):
     for o in row["objects"]:  # the object's colour is at its cell centre
         cy, cx = o["row"] * 16 + 8 + o["dy"], o["col"] * 16 + 8 + o["dx"]
         assert tuple(image[cy, cx]) != (28, 28, 32)
+
+
+def test_jittered_scenes_stay_in_their_cells():
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, 4, 4, jitter=True) for _ in range(30)]
+    shifts = {(o.dx, o.dy) for scene in scenes for o in scene.objects}
+    assert len(shifts) > 5 and all(abs(dx) <= 3 and abs(dy) <= 3 for dx, dy in shifts)
+    for scene in scenes[:5]:  # nothing drawn outside an object's own cell
+        image = render_scene(scene)
+        for o in scene.objects:
+            cell = image[o.row * 16:(o.row + 1) * 16, o.col * 16:(o.col + 1) * 16]
+            assert (cell != np.array([28, 28, 32], dtype=np.uint8)).any(axis=-1).sum() > 10
+        occupied = {(o.row, o.col) for o in scene.objects}
+        for r in range(3):
+            for c in range(3):
+                if (r, c) not in occupied:
+                    assert (image[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] == [28, 28, 32]).all()
 
 
 def test_scene_validation_errors():

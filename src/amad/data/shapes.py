@@ -66,6 +66,7 @@ class ShapesConfig:
     min_objects: int = 2
     max_objects: int = 4
     vague_probability: float = 0.5
+    jitter: bool = False
 
     def __post_init__(self) -> None:
         for name in ("train_size", "validation_size", "test_size", "questions_per_image"):
@@ -101,7 +102,7 @@ def _generate_split(split: str, config: ShapesConfig, used: set) -> Iterator[dic
     rng = np.random.default_rng([config.seed, SPLITS.index(split)])
     for i in range(config.size(split)):
         for _attempt in range(1000):
-            scene = sample_scene(rng, config.min_objects, config.max_objects)
+            scene = sample_scene(rng, config.min_objects, config.max_objects, config.jitter)
             if scene.key not in used:
                 break
         else:

@@ -304,8 +304,9 @@ def make_vlt5(size: str = "teacher", task: str = "vqa", *, vocab_size: int, num_
               pad_token_id: int = 0, eos_token_id: int = 1, **overrides: Any) -> VLT5PreTrainedModel:
     """A randomly initialised VL-T5 of the given size for ``task`` ("vqa", "translate" or "caption").
 
-    ``overrides`` replace any ``VLT5Config`` field (e.g. ``dropout_rate``). The
-    decoder starts from the pad token, as in T5.
+    ``overrides`` replace any ``VLT5Config`` field (e.g. ``patch_size``). The
+    decoder starts from the pad token, as in T5. Dropout is off by default: the
+    demo trains from scratch for a few hundred steps, far from overfitting.
     """
     if size not in VLT5_SIZES:
         raise ValueError(f"unknown VL-T5 size {size!r}; expected one of {tuple(VLT5_SIZES)}")
@@ -315,7 +316,7 @@ def make_vlt5(size: str = "teacher", task: str = "vqa", *, vocab_size: int, num_
         raise ValueError(f"task 'vqa' needs num_answers >= 1, got {num_answers}")
     fields = dict(VLT5_SIZES[size], vocab_size=vocab_size, num_answers=num_answers if task == "vqa" else 0,
                   pad_token_id=pad_token_id, eos_token_id=eos_token_id, decoder_start_token_id=pad_token_id,
-                  dropout_rate=0.1)
+                  dropout_rate=0.0)
     fields.update(overrides)
     config = VLT5Config(**fields)
     model = VLT5ForVQA(config) if task == "vqa" else VLT5ForConditionalGeneration(config)
