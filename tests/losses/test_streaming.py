@@ -39,6 +39,12 @@ LOSSES = [
     ("shd", {"temperature": 1.0}),
     ("shd", {"temperature": 2.0}),
 ]
+IDS = [name + "".join(f"-{v}" for v in opts.values()) for name, opts in LOSSES]
+#: (masking situation, H_t, H_s): H_s < H_t, ==, >, and (5, 2) for two SHD merge rounds.
+CASES = [("padded", 3, 2), ("padded", 2, 2), ("padded", 2, 3), ("padded", 5, 2), ("causal", 3, 2),
+         ("causal", 2, 3), ("cross", 5, 2), ("cross", 2, 2), ("plain", 3, 2)]
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny tensors: a second intra-op thread only adds wake-up latency (ms per softmax on a busy machine)."""
@@ -46,12 +52,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-IDS = [name + "".join(f"-{v}" for v in opts.values()) for name, opts in LOSSES]
-#: (masking situation, H_t, H_s): H_s < H_t, ==, >, and (5, 2) for two SHD merge rounds.
-CASES = [("padded", 3, 2), ("padded", 2, 2), ("padded", 2, 3), ("padded", 5, 2), ("causal", 3, 2),
-         ("causal", 2, 3), ("cross", 5, 2), ("cross", 2, 2), ("plain", 3, 2)]
 
 
 # ---- inputs ------------------------------------------------------------------------------------------
