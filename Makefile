@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/loss_memory.py
+	$(BIN)/python benchmarks/loss_streaming.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

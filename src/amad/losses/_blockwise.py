@@ -24,8 +24,8 @@ from ._common import apply_mask
 
 #: Largest number of map entries (``B * H * rows * k``) one block may hold when
 #: ``block_size`` is None (16 MiB in float32). Measured (benchmarks/README.md):
-#: about 2**21 to 2**22 entries is fastest; smaller blocks pay per-block overhead,
-#: larger ones fall out of the CPU caches (2**24 entries: 2x slower at q = k = 8192).
+#: smaller blocks pay per-block overhead; larger ones cost memory linearly without
+#: being faster (in one measurement 2x slower at q = k = 8192: they leave the caches).
 DEFAULT_BLOCK_ENTRIES = 2**22
 
 StatsFn = Callable[..., Sequence[Tensor]]
