@@ -20,10 +20,12 @@ paths compute the same maps); hidden dropout keeps BERT's 0.1. Alpha is fixed (0
 Time (one fresh process per sequence length, plain glibc allocator settings): every
 configuration gets its own models and optimizer, is warmed up (``--warmup`` steps), then
 ``--cycles`` cycles each run one step of every configuration, in alternating order. A
-configuration's time is the median of its steps; its ratio to another is the median over
-cycles of the ratio of their steps in the same cycle. Interleaving makes the ratios robust
-on a shared machine whose load drifts by tens of percent within minutes (measured here:
-separate processes run a few minutes apart disagreed by up to 50%).
+configuration's time is the median of its steps, in wall-clock and in process CPU time
+(with one torch thread, CPU time is the work done, insensitive to waiting for a core); its
+ratio to another is the median over cycles of the ratio of their steps in the same cycle.
+Interleaving makes the ratios robust on a shared machine whose load drifts by tens of
+percent within minutes (measured here: separate processes run a few minutes apart
+disagreed by up to 50%).
 
 Memory (one fresh process per configuration and length): glibc is told to serve every
 allocation above 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_=65536``), so freed tensors go back
@@ -40,6 +42,7 @@ temporaries) sets the whole step's peak at short sequences.
 
     .venv/bin/python benchmarks/train_step.py [--seqs 512 2048] [--cycles 5] [--threads 1]
     .venv/bin/python benchmarks/train_step.py --profile streaming --profile-seq 2048
+    .venv/bin/python benchmarks/train_step.py --loss-breakdown --profile-seq 2048 --threads 1
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from typing import Callable
 from capture_memory import _reset_peak, _rss_kib  # same directory: the scripts share the RSS probes
 
 CONFIGS = ("gt", "kd", "streaming", "materialised", "output_attns")
+CLOCKS = ("wall", "cpu")
 ALPHA = 0.2
 TEACHER = dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072)
 STUDENT = dict(hidden_size=512, num_attention_heads=8, intermediate_size=2048)
@@ -142,7 +146,7 @@ def training_step(config: str, seq: int, layers: list[int], marks: list[int] | N
 
 
 def time_configs(configs: list[str], seq: int, warmup: int, cycles: int, threads: int, layers: list[int]) -> dict:
-    """Step times ``{config: [one per cycle]}``, the configurations interleaved in one process."""
+    """``{"wall" | "cpu": {config: [step seconds, one per cycle]}}``, the configurations interleaved."""
     import torch
 
     torch.set_num_threads(threads)
@@ -150,13 +154,14 @@ def time_configs(configs: list[str], seq: int, warmup: int, cycles: int, threads
     for step in steps.values():
         for _ in range(warmup):
             step()
-    times: dict[str, list[float]] = {config: [] for config in configs}
+    times: dict[str, dict[str, list[float]]] = {"wall": {c: [] for c in configs}, "cpu": {c: [] for c in configs}}
     for cycle in range(cycles):
         for config in configs if cycle % 2 == 0 else reversed(configs):
             gc.collect()
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             steps[config]()
-            times[config].append(time.perf_counter() - start)
+            times["cpu"][config].append(time.process_time() - cpu)
+            times["wall"][config].append(time.perf_counter() - wall)
     return times
 
 
@@ -215,41 +220,44 @@ def collect(seqs: list[int], cycles: int, warmup: int, threads: int, layers: lis
         times = run_isolated("time", [list(configs), seq, warmup, cycles, threads, layers], memory=False)
         for config in configs:
             memory = run_isolated("memory", [config, seq, warmup, threads, layers], memory=True)
-            row = {"config": config, "seq": seq, "times": times[config], "time_s": statistics.median(times[config]),
-                   **memory}
-            rows.append(row)
-            print(f"  seq {seq} {config}: steps {[round(t, 2) for t in times[config]]} s, peak extra "
+            wall, cpu = times["wall"][config], times["cpu"][config]
+            rows.append({"config": config, "seq": seq, "wall": wall, "cpu": cpu, "wall_s": statistics.median(wall),
+                         "cpu_s": statistics.median(cpu), **memory})
+            print(f"  seq {seq} {config}: steps {[round(t, 2) for t in wall]} s (CPU {[round(t, 2) for t in cpu]}), "
+                  f"peak extra "
                   f"{memory['peak_mib']:.0f} MiB (fwd+bwd {memory['fwd_bwd_peak_mib']:.0f}), "
                   f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     return rows
 
 
-def paired_ratio(a: dict, b: dict) -> float:
-    """Median over cycles of a's step time / b's step time in the same cycle."""
-    return statistics.median(x / y for x, y in zip(a["times"], b["times"]))
+def paired_ratio(a: dict, b: dict, clock: str) -> float:
+    """Median over cycles of a's step time / b's step time in the same cycle (clock "wall" or "cpu")."""
+    return statistics.median(x / y for x, y in zip(a[clock], b[clock]))
 
 
 def report(rows: list[dict]) -> str:
     by = {(r["seq"], r["config"]): r for r in rows}
-    lines = ["| seq | configuration | step s (median) | x kd (paired) | peak extra MiB | over kd MiB "
+    lines = ["| seq | configuration | step wall s | x kd wall | step CPU s | x kd CPU | peak extra MiB | over kd MiB "
              "| fwd+bwd peak MiB |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for seq, config in sorted(by, key=lambda k: (k[0], CONFIGS.index(k[1]))):
         r, kd = by[(seq, config)], by[(seq, "kd")]
-        lines.append(f"| {seq} | {config} | {r['time_s']:.3f} | {paired_ratio(r, kd):.2f} | "
+        lines.append(f"| {seq} | {config} | {r['wall_s']:.3f} | {paired_ratio(r, kd, 'wall'):.2f} | "
+                     f"{r['cpu_s']:.3f} | {paired_ratio(r, kd, 'cpu'):.2f} | "
                      f"{r['peak_mib']:.0f} | {r['peak_mib'] - kd['peak_mib']:+.0f} | {r['fwd_bwd_peak_mib']:.0f} |")
     lines.append("")
     for seq in sorted({r["seq"] for r in rows}):
         kd, st, oa = (by.get((seq, c)) for c in ("kd", "streaming", "output_attns"))
         if kd is None or st is None:
             continue
-        ratios = {"time_streaming_over_kd": (paired_ratio(st, kd), "<=")}
+        ratios = {f"time_streaming_over_kd ({clock})": (paired_ratio(st, kd, clock), "<=") for clock in CLOCKS}
         if oa is not None:
             extra = {key: (oa[key] - kd[key], st[key] - kd[key]) for key in ("peak_mib", "fwd_bwd_peak_mib")}
-            ratios["time_output_attns_over_streaming"] = (paired_ratio(oa, st), ">=")
+            for clock in CLOCKS:
+                ratios[f"time_output_attns_over_streaming ({clock})"] = (paired_ratio(oa, st, clock), ">=")
             ratios["memory_ratio"] = (extra["peak_mib"][0] / max(extra["peak_mib"][1], 1.0), ">=")
         for name, (value, op) in ratios.items():
-            target = TARGETS[name]
+            target = TARGETS[name.split(" ")[0]]
             met = value <= target if op == "<=" else value >= target
             lines.append(f"seq {seq}: {name} = {value:.2f} (target {op} {target}: {'met' if met else 'NOT met'})")
         if oa is not None:
@@ -279,6 +287,60 @@ def profile(config: str, seq: int, threads: int, rows: int, layers: list[int]) -
     print(averages.table(sort_by="self_cpu_memory_usage", row_limit=rows))
 
 
+def loss_breakdown(seq: int, threads: int, repeats: int = 2) -> None:
+    """Where the attention loss's time goes at the loss level, on the last layers' recorded Q/K (min of repeats).
+
+    Compares the streaming and materialised AMAD forward+backward (to the Student's Q and K), materialising
+    both maps once with a backward through the Student's (the floor of any loss on maps formed from Q/K),
+    the Teacher map alone, and the fused SDPA forward of the same Teacher layer (which never writes the map).
+    """
+    import torch
+
+    from amad import AttentionRecorder
+    from amad.losses import get
+
+    torch.set_num_threads(threads)
+    teacher, student, batch, _ = build("kd", seq)
+    name = "bert.encoder.layer.1.attention.self"
+    with AttentionRecorder(teacher, name) as t_rec, torch.no_grad():
+        teacher(**batch)
+    with AttentionRecorder(student, name) as s_rec:
+        student(**batch)
+    t_in, s_in = t_rec.inputs(name).detach(), s_rec.inputs(name)
+    amad = get("amad-mse")
+
+    def with_backward(loss_fn: Callable[[], object]) -> Callable[[], object]:
+        return lambda: torch.autograd.grad(loss_fn(), [s_in.query, s_in.key], retain_graph=True)
+
+    def both_maps_once():
+        with torch.no_grad():
+            t = t_in.probs()
+        return (s_in.probs() * t[:, : s_in.num_heads]).sum()
+
+    def teacher_map():
+        with torch.no_grad():
+            return t_in.probs()
+
+    def teacher_sdpa():
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(t_in.query, t_in.key, t_in.value)
+
+    cases = {f"streaming AMAD fwd+bwd, block {b or 'default'}": with_backward(
+        lambda b=b: amad.from_inputs(t_in, s_in, streaming=True, block_size=b)) for b in (None, 512, seq)}
+    cases["materialised AMAD fwd+bwd"] = with_backward(lambda: amad.from_inputs(t_in, s_in, streaming=False))
+    cases["both maps once + backward through the Student's"] = with_backward(both_maps_once)
+    cases["Teacher map alone (probs())"] = teacher_map
+    cases["Teacher layer fused SDPA forward"] = teacher_sdpa
+    print(f"loss level, last layers, seq {seq}, threads {threads}: min of {repeats} (wall s / CPU s)")
+    for label, fn in cases.items():
+        runs = []
+        for _ in range(repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            runs.append((time.perf_counter() - wall, time.process_time() - cpu))
+        print(f"  {label}: {min(r[0] for r in runs):.3f} / {min(r[1] for r in runs):.3f}")
+
+
 def _null():
     from contextlib import nullcontext
 
@@ -297,6 +359,8 @@ def main() -> None:
     parser.add_argument("--profile", choices=CONFIGS, help="profile one step of this configuration instead")
     parser.add_argument("--profile-seq", type=int, default=2048)
     parser.add_argument("--profile-rows", type=int, default=15)
+    parser.add_argument("--loss-breakdown", action="store_true", help="time the attention loss's parts instead "
+                        "(at --profile-seq)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -305,6 +369,9 @@ def main() -> None:
     if args.one:
         task, arguments = json.loads(args.one)
         print(json.dumps((time_configs if task == "time" else peak_memory)(*arguments)))
+        return
+    if args.loss_breakdown:
+        loss_breakdown(args.profile_seq, threads)
         return
     if args.profile:
         profile(args.profile, args.profile_seq, threads, args.profile_rows, args.layers)
