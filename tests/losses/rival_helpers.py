@@ -68,3 +68,13 @@ def reduce_reference(per_sample: list[Tensor], valid: list[int], heads: int, n: 
         return sum(per_sample) / (len(per_sample) * heads * n)
     kept = [p / (heads * v) for p, v in zip(per_sample, valid) if v > 0]
     return sum(kept) / len(kept)
+
+
+def assert_matches_reference(loss_fn, reference, shape, kind: str, reduction: str, masked: bool) -> None:
+    """``loss_fn(teacher, student, kind=, mask=, reduction=)`` equals ``reference(teacher, student, kind, mask,
+    reduction)`` in float64 on random maps of ``shape = (b, h_t, h_s, q, k)``."""
+    b, h_t, h_s, q, k = shape
+    teacher, student = random_maps(b, h_t, q, k, 0), random_maps(b, h_s, q, k, 1)
+    mask = random_mask(b, q, k) if masked else None
+    got = loss_fn(teacher, student, kind=kind, mask=mask, reduction=reduction)
+    torch.testing.assert_close(got, reference(teacher, student, kind, mask, reduction), rtol=1e-10, atol=1e-12)

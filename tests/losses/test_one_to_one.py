@@ -6,6 +6,7 @@ import pytest
 import torch
 from rival_helpers import (
     F64,
+    assert_matches_reference,
     kl_row,
     l1_normalised,
     l2_normalised,
@@ -46,11 +47,7 @@ def reference(teacher, student, kind, mask, reduction):
 @pytest.mark.parametrize("reduction", ["paper", "mean"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_matches_loop_reference(shape, kind, reduction, masked):
-    b, h_t, h_s, q, k = shape
-    teacher, student = random_maps(b, h_t, q, k, 0), random_maps(b, h_s, q, k, 1)
-    mask = random_mask(b, q, k) if masked else None
-    got = one_to_one(teacher, student, kind=kind, mask=mask, reduction=reduction)
-    torch.testing.assert_close(got, reference(teacher, student, kind, mask, reduction), rtol=1e-10, atol=1e-12)
+    assert_matches_reference(one_to_one, reference, shape, kind, reduction, masked)
 
 
 @pytest.mark.parametrize("kind", ["mse", "kl"])

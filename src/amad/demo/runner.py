@@ -249,12 +249,17 @@ def write_outputs(out: Path, plots: bool = True, task_order: Sequence[str] = ())
     table = report.write_markdown(out / "results.md", records, task_order=task_order, method_order=method_order,
                                   preamble=report.PREAMBLE.format(scale=scale), task_notes=notes)
     if plots:
-        report.plot_metric_bars(records, out / "plots", method_order=method_order)
-        for task, (method, seed) in report.best_amad_runs(records).items():
-            path = snapshot_path(out, task, method, seed)
-            if path.is_file():
-                report.plot_snapshot(path, out / "plots", f"{task}-{method.replace('+', '_')}-seed{seed}")
+        write_plots(out, records, method_order)
     return table
+
+
+def write_plots(out: Path, records: list[dict], method_order: Sequence[str]) -> None:
+    """``OUT/plots``: each metric per method with error bars, and the best AMAD Student's stored maps."""
+    report.plot_metric_bars(records, out / "plots", method_order=method_order)
+    for task, (method, seed) in report.best_amad_runs(records).items():
+        path = snapshot_path(out, task, method, seed)
+        if path.is_file():
+            report.plot_snapshot(path, out / "plots", f"{task}-{method.replace('+', '_')}-seed{seed}")
 
 
 def _description(name: str) -> str:

@@ -215,14 +215,18 @@ class _PresetAMAD(AttentionLoss):
         check_options(self.variant, name=type(self).__name__, **options)
         super().__init__(**options)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each preset's map and streaming functions are :func:`amad` with its ``variant``."""
+        super().__init_subclass__(**kwargs)
+        cls.map_fn = staticmethod(partial(amad, variant=cls.variant))
+        cls.streaming_fn = staticmethod(partial(streaming_forms.amad, variant=cls.variant))
+
 
 @register("amad-mse")
 class AMADMSELoss(_PresetAMAD):
     """AMAD variant 1 (MSE on L2-normalised maps), the flagship."""
 
     variant = "mse"
-    map_fn = staticmethod(partial(amad, variant="mse"))
-    streaming_fn = staticmethod(partial(streaming_forms.amad, variant="mse"))
 
 
 @register("amad-kl")
@@ -230,8 +234,6 @@ class AMADKLLoss(_PresetAMAD):
     """AMAD variant 2 (KL on L1-normalised maps)."""
 
     variant = "kl"
-    map_fn = staticmethod(partial(amad, variant="kl"))
-    streaming_fn = staticmethod(partial(streaming_forms.amad, variant="kl"))
 
 
 @register("amad-token")
@@ -239,8 +241,6 @@ class AMADTokenLoss(_PresetAMAD):
     """AMAD variant 4 (alignment per query row, KL)."""
 
     variant = "token"
-    map_fn = staticmethod(partial(amad, variant="token"))
-    streaming_fn = staticmethod(partial(streaming_forms.amad, variant="token"))
 
 
 @register("amad-s2t")
@@ -248,8 +248,6 @@ class AMADS2TLoss(_PresetAMAD):
     """AMAD Student-to-Teacher (variant 1 with the roles swapped); may collapse, not a default."""
 
     variant = "s2t"
-    map_fn = staticmethod(partial(amad, variant="s2t"))
-    streaming_fn = staticmethod(partial(streaming_forms.amad, variant="s2t"))
 
 
 @register("amad-projected")

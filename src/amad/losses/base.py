@@ -76,8 +76,16 @@ class AttentionLoss(nn.Module):
         :meth:`streaming_loss`, which never holds a whole map.
         """
         check_pair(teacher, student, name=type(self).__name__)
+        self.check_inputs(teacher, student)
         if streaming:
             return self.streaming_loss(teacher, student, block_size=block_size)
+        return self.materialised_loss(teacher, student)
+
+    def check_inputs(self, teacher: AttentionInputs, student: AttentionInputs) -> None:
+        """Raise a clear error when the recorded inputs lack what this loss needs (nothing to check here)."""
+
+    def materialised_loss(self, teacher: AttentionInputs, student: AttentionInputs) -> Tensor:
+        """The loss on both materialised maps, masked where either side is padding."""
         return self(teacher.probs(), student.probs(), mask=combined_mask(teacher, student))
 
     def streaming_loss(

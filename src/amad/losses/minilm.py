@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..attention import AttentionInputs
 from ._common import reduce_per_sample
-from .base import AttentionLoss, check_pair
+from .base import AttentionLoss
 from .registry import register
 
 __all__ = ["minilm_relations", "MiniLMRelationsLoss"]
@@ -210,16 +210,8 @@ class MiniLMRelationsLoss(AttentionLoss):
         _check_num_relation_heads(num_relation_heads)
         super().__init__(num_relation_heads=num_relation_heads, relations=_check_relations(relations))
 
-    def from_inputs(
-        self,
-        teacher: AttentionInputs,
-        student: AttentionInputs,
-        *,
-        streaming: bool = False,
-        block_size: int | None = None,
-    ) -> Tensor:
-        """The loss from recorded Q/K/V (never materialises attention maps; ``streaming`` is irrelevant)."""
-        check_pair(teacher, student, name="minilm-relations")
+    def materialised_loss(self, teacher: AttentionInputs, student: AttentionInputs) -> Tensor:
+        """The loss from recorded Q/K/V: relations only, no attention map is ever built."""
         return minilm_relations(
             (teacher.query, teacher.key, teacher.value),
             (student.query, student.key, student.value),
@@ -227,3 +219,9 @@ class MiniLMRelationsLoss(AttentionLoss):
             query_mask=_both(teacher.query_mask, student.query_mask),
             **self.options,
         )
+
+    def streaming_loss(
+        self, teacher: AttentionInputs, student: AttentionInputs, *, block_size: int | None = None
+    ) -> Tensor:
+        """The same as :meth:`materialised_loss` (``B x A x q x k`` relation blocks, never attention maps)."""
+        return self.materialised_loss(teacher, student)

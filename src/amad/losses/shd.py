@@ -37,7 +37,7 @@ from torch import Tensor
 from ..attention import AttentionInputs
 from . import streaming as streaming_forms
 from ._common import apply_mask, check_maps, check_reduction, check_temperature, rownorm1
-from .base import AttentionLoss, check_pair, combined_mask
+from .base import AttentionLoss, combined_mask
 from .one_to_one import matched_head_loss
 from .registry import register
 
@@ -188,22 +188,14 @@ class SHDLoss(AttentionLoss):
             )
         return shd(teacher, student, teacher_values, mask=mask, **self.options)
 
-    def from_inputs(
-        self,
-        teacher: AttentionInputs,
-        student: AttentionInputs,
-        *,
-        streaming: bool = False,
-        block_size: int | None = None,
-    ) -> Tensor:
-        """The loss from recorded inputs, the Teacher's values taken from ``teacher.value``."""
-        check_pair(teacher, student, name="shd")
+    def check_inputs(self, teacher: AttentionInputs, student: AttentionInputs) -> None:
+        """The Teacher's values are taken from ``teacher.value``: they must have been recorded."""
         if teacher.value is None:
             raise ValueError(
                 "shd needs the Teacher's value vectors, but the recorded Teacher inputs have value=None "
                 f"(query {tuple(teacher.query.shape)}); record the values of this layer"
             )
-        if streaming:
-            return self.streaming_loss(teacher, student, block_size=block_size)
+
+    def materialised_loss(self, teacher: AttentionInputs, student: AttentionInputs) -> Tensor:
         mask = combined_mask(teacher, student)
         return shd(teacher.probs(), student.probs(), teacher.value, mask=mask, **self.options)
