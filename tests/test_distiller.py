@@ -35,15 +35,6 @@ QUERY_KEY_PROJECTIONS = {"query", "key", "q_proj", "k_proj", "q", "k", "qkv", "c
 STREAMING_LOSSES = ["amad-mse", "amad-kl", "amad-token", "one-to-one", "head-mean", "shd"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny models run ~20x faster on one thread than on two contended ones (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def term_name(pair: tuple[str, str]) -> str:
     return f"attn[{pair[0]}->{pair[1]}]"
 

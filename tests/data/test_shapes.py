@@ -33,15 +33,6 @@ from amad.data.german import count_phrase, german_caption, noun_phrase, preposit
 SMALL = ShapesConfig(seed=3, train_size=40, validation_size=12, test_size=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is fastest, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data():
     return generate_shapes(SMALL)

@@ -56,6 +56,17 @@ def test_markdown_table_has_ours_and_paper_side_by_side() -> None:
     ]
 
 
+def test_a_task_without_paper_numbers_gets_no_paper_columns() -> None:
+    records = [{"task": "minilm-text-h4-d256-l3", "method": "kd", "seed": s, "metric": m, "value": 50.0 + s}
+               for s in range(2) for m in ("cosine_pct", "top1_pct")]
+    text = report.render_markdown(records, metric_order=["cosine_pct", "top1_pct"], title="real Teacher")
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert text.startswith("# real Teacher")
+    assert "Paper setting: none comparable." in text
+    assert rows == ["| method | embedding cosine (%) | top-1 agreement (%) |",
+                    "| kd | 50.50 +- 0.50 (n=2) | 50.50 +- 0.50 (n=2) |"]
+
+
 def _run(out: Path, lines: list[str]):
     return run_demo(DemoSettings(out=out, scale="tiny", seeds=1, tasks=["vqa"], methods=METHODS, jobs=1,
                                  echo=lines.append))

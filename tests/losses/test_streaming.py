@@ -45,15 +45,6 @@ CASES = [("padded", 3, 2), ("padded", 2, 2), ("padded", 2, 3), ("padded", 5, 2),
          ("causal", 2, 3), ("cross", 5, 2), ("cross", 2, 2), ("plain", 3, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds wake-up latency (ms per softmax on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- inputs ------------------------------------------------------------------------------------------
 def scenario(kind: str, heads: int, seed: int, dtype=F64, grad: bool = False) -> AttentionInputs:
     """Random recorded inputs of one layer; ``kind`` picks the masking situation."""

@@ -17,15 +17,6 @@ TINY = {"teacher": dict(d_model=48, d_kv=4, d_ff=64, num_layers=2, num_decoder_l
         "student": dict(d_model=32, d_kv=4, d_ff=48, num_layers=1, num_decoder_layers=1)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(size: str, task: str, **extra):
     torch.manual_seed(0)
     return make_vlt5(size, task, vocab_size=VOCAB, num_answers=ANSWERS, dropout_rate=0.0, **TINY[size], **extra)

@@ -284,7 +284,7 @@ def write_text_outputs(out: Path, plots: bool = True, task_order: Sequence[str] 
              for t in {r["task"] for r in records}}
     table = report.write_markdown(out / "results.md", records, task_order=task_order, method_order=method_order,
                                   metric_order=METRICS, preamble=PREAMBLE.format(layers=_LAYER_WORDS[layers]),
-                                  task_notes=notes)
+                                  task_notes=notes, title="AMAD real-Teacher benchmark: all-MiniLM-L6-v2")
     if plots:
         write_plots(out, records, method_order)
     return table

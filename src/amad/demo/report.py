@@ -31,6 +31,9 @@ METRIC_LABELS = {
     "bleu4": "BLEU-4",
     "cider": "CIDEr",
     "bleu": "BLEU",
+    "cosine_pct": "embedding cosine (%)",
+    "top1_pct": "top-1 agreement (%)",
+    "top5_pct": "top-5 agreement (%)",
 }
 
 
@@ -173,10 +176,12 @@ def render_markdown(
     metric_order: Sequence[str] = ("accuracy", "cider", "bleu4", "bleu"),
     preamble: str = "",
     task_notes: dict[str, str] | None = None,
+    title: str = "AMAD demo benchmark",
 ) -> str:
-    """One table per task: our mean +- s.e. per method and metric, the paper's number beside it."""
+    """One table per task: our mean +- s.e. per method and metric, the paper's number beside it (no paper
+    columns for a task the paper has no comparable setting for)."""
     summary = summarise(records)
-    lines = ["# AMAD demo benchmark", ""]
+    lines = [f"# {title}", ""]
     if preamble:
         lines += [preamble.strip(), ""]
     lines += [
@@ -196,15 +201,16 @@ def render_markdown(
         header = ["method"]
         for metric in metrics:
             label = METRIC_LABELS.get(metric, metric)
-            header += [f"{label} (ours)", f"{label} (paper)"]
+            header += [f"{label} (ours)", f"{label} (paper)"] if paper else [label]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method in methods:
             row = [method]
             for metric in metrics:
                 cell = summary.get((task, method, metric))
                 row.append(cell.format() if cell else "not run")
-                number = paper.numbers.get(method) if paper and paper.metric == metric else None
-                row.append("n/a" if number is None else number)
+                if paper:
+                    number = paper.numbers.get(method) if paper.metric == metric else None
+                    row.append("n/a" if number is None else number)
             lines.append("| " + " | ".join(row) + " |")
         if paper:
             lines += [""] + [f"- {note}" for note in paper.notes]
