@@ -76,7 +76,7 @@ BUDGETS: dict[str, TextBudget] = {
     # quick: about 10 minutes on 2 cores; full: every shape, about 4 hours on 2 cores (the 6-layer Student costs
     # 2.5 times the smallest). Fewer steps leave the Students far from converged (at 160 steps the embedding
     # cosine of every attention-loss Student sat at the 40% of a constant embedding).
-    "quick": TextBudget(("h4-d256-l3",), steps=480, batch_size=16),
+    "quick": TextBudget(("h4-d256-l3",), steps=400, batch_size=16),
     "full": TextBudget(tuple(STUDENT_SHAPES), steps=600, batch_size=16),
 }
 DEFAULT_SEEDS = {"tiny": 1, "quick": 1, "full": 3}
