@@ -29,6 +29,7 @@ from amad.data import (
 )
 from amad.data.captions import CaptionPlan, Mention
 from amad.data.german import count_phrase, german_caption, noun_phrase, prepositional_phrase
+from amad.data.scenes import BACKGROUND, CELL, GRID, JITTER
 
 SMALL = ShapesConfig(seed=3, train_size=40, validation_size=12, test_size=12)
 
@@ -99,17 +100,18 @@ def test_jittered_scenes_stay_in_their_cells():
     rng = np.random.default_rng(0)
     scenes = [sample_scene(rng, 4, 4, jitter=True) for _ in range(30)]
     shifts = {(o.dx, o.dy) for scene in scenes for o in scene.objects}
-    assert len(shifts) > 5 and all(abs(dx) <= 3 and abs(dy) <= 3 for dx, dy in shifts)
+    reach = max(JITTER.values())
+    assert len(shifts) > 5 and all(abs(dx) <= reach and abs(dy) <= reach for dx, dy in shifts)
     for scene in scenes[:5]:  # nothing drawn outside an object's own cell
         image = render_scene(scene)
         for o in scene.objects:
-            cell = image[o.row * 16:(o.row + 1) * 16, o.col * 16:(o.col + 1) * 16]
-            assert (cell != np.array([28, 28, 32], dtype=np.uint8)).any(axis=-1).sum() > 10
+            cell = image[o.row * CELL:(o.row + 1) * CELL, o.col * CELL:(o.col + 1) * CELL]
+            assert (cell != np.array(BACKGROUND, dtype=np.uint8)).any(axis=-1).sum() > 10
         occupied = {(o.row, o.col) for o in scene.objects}
-        for r in range(3):
-            for c in range(3):
+        for r in range(GRID):
+            for c in range(GRID):
                 if (r, c) not in occupied:
-                    assert (image[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] == [28, 28, 32]).all()
+                    assert (image[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] == BACKGROUND).all()
 
 
 def test_scene_validation_errors():

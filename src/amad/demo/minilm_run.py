@@ -73,9 +73,9 @@ class TextBudget:
 
 BUDGETS: dict[str, TextBudget] = {
     "tiny": TextBudget(("h4-d256-l3",), steps=2, batch_size=4, held_out=12, max_train=16),
-    # quick: 7.5 minutes on 2 quiet cores (measured), its attention-loss Students still far from converged;
-    # full: every shape, about 4 hours on 2 cores (the 6-layer Student costs twice the smallest). At 160 steps
-    # the embedding cosine of every attention-loss Student sat at the 40% of a constant embedding.
+    # quick: 7 min 23 s on 2 quiet cores (`time amad demo --real --quick`), its attention-loss Students still far
+    # from converged; full: 3 shapes x 3 seeds x 8 trained cells of about 140, 300 and 185 s on one core (the
+    # per-cell times of docs/results/minilm), about 4 hours.
     "quick": TextBudget(("h4-d256-l3",), steps=400, batch_size=16),
     "full": TextBudget(tuple(STUDENT_SHAPES), steps=600, batch_size=16),
 }

@@ -181,7 +181,7 @@ def _block_outputs(plan: BlockPlan, start: int, view: AttentionInputs, extra_lea
     if plan.student_grad_fn is not None:
         # autograd materialises missing output gradients as zeros, so every grad_output is a tensor
         # mixed precision (autocast): do the small products in the gradients' dtype, return the block's
-        dtype = next(g.dtype for g in grad_outputs if g is not None)
+        dtype = grad_outputs[0].dtype
         d_student = plan.student_grad_fn(
             teacher_block.to(dtype), student_block.detach().to(dtype), *grad_outputs
         )
