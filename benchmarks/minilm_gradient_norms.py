@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from amad.demo.minilm_run import BUDGETS, METHODS, TextExperiment
-from amad.demo.minilm_text import STUDENT_SHAPES
+from amad.bench.minilm_run import BUDGETS, METHODS, TextExperiment
+from amad.bench.minilm_text import STUDENT_SHAPES
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import sacrebleu
 import torch
 from torch.utils.data import DataLoader
 
-from amad.data import (
+from amad.bench.data import (
     ANSWERS,
     BlipCaptionCollator,
     Seq2SeqCollator,
@@ -34,9 +34,9 @@ from amad.data import (
     translation_view,
     vqa_view,
 )
-from amad.data.collate import pixel_values
-from amad.models.blip import make_blip
-from amad.models.vlt5 import make_vlt5
+from amad.bench.data.collate import pixel_values
+from amad.bench.models.blip import make_blip
+from amad.bench.models.vlt5 import make_vlt5
 
 
 def build(task: str, size: str, tokenizer: Any) -> torch.nn.Module:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import amad.distiller as distiller_module
 from amad import AttentionRecorder, Distiller
 from amad.attention import AttentionInputs
-from amad.layers import attention_layers
+from amad.capture.layers import attention_layers
 from amad.losses import get as get_loss
 from model_factories import (
     FAMILIES,
@@ -184,7 +184,7 @@ def test_numeric_and_list_alpha_weigh_the_terms() -> None:
 
 def test_bad_alpha_is_a_clear_error() -> None:
     teacher, student = teacher_and_student("t5")
-    with pytest.raises(ValueError, match=r"alpha has 2 values for 3 layer pairs"):
+    with pytest.raises(ValueError, match=r"alpha: 2 values for 3 layer pairs"):
         Distiller(teacher, student, alpha=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"'automatic'"):
         Distiller(teacher, student, alpha="automatic")

@@ -147,3 +147,13 @@ class AttentionInputs:
             return None if t is None else t.to(dtype)
 
         return replace(self, query=c(self.query), key=c(self.key), value=c(self.value), bias=c(self.bias))
+
+
+def check_map_shapes(teacher: AttentionInputs, student: AttentionInputs, *, name: str) -> None:
+    """Teacher and Student maps must share ``B, q, k``."""
+    t, s = teacher.map_shape, student.map_shape
+    if (t[0], t[2], t[3]) != (s[0], s[2], s[3]):
+        raise ValueError(
+            f"{name}: Teacher maps {t} and Student maps {s} must have the same batch size, "
+            "query length q and key length k"
+        )

@@ -13,7 +13,7 @@ the state dict, so a resumed run does not measure it again).
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -23,9 +23,9 @@ from transformers.utils import ModelOutput
 
 from . import losses as loss_lib
 from .attention import AttentionInputs
-from .capture import AttentionRecorder
-from .layers import check_layer_shapes, resolve_layer_pairs
+from .capture import AttentionRecorder, check_layer_shapes, resolve_layer_pairs
 from .losses.logits import logit_kd
+from .options import DistillOptions
 
 logger = logging.getLogger(__name__)
 
@@ -123,10 +123,18 @@ class Distiller(nn.Module):
         super().__init__()
         if teacher is student:
             raise ValueError("teacher and student must be different modules")
-        if kd_temperature <= 0:
-            raise ValueError(f"kd_temperature must be > 0; got {kd_temperature}")
-        if alpha_batches < 1:
-            raise ValueError(f"alpha_batches must be >= 1; got {alpha_batches}")
+        self.options = options = DistillOptions(
+            attention_loss=attention_loss,
+            attention_loss_options=dict(attention_loss_options or {}),
+            layers=layers if isinstance(layers, str) else [list(pair) for pair in layers],
+            alpha=alpha if isinstance(alpha, (str, int, float)) else [float(a) for a in alpha],
+            alpha_batches=alpha_batches,
+            kd_temperature=kd_temperature,
+            kd_weight=kd_weight,
+            gt_weight=gt_weight,
+            streaming=streaming,
+            block_size=block_size,
+        )
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never saved or optimised
         teacher.eval().requires_grad_(False)
         self.student = student
@@ -142,13 +150,23 @@ class Distiller(nn.Module):
         if attention_loss is None:
             self.layer_pairs: list[tuple[str, str]] = []
         else:
-            self.layer_pairs = resolve_layer_pairs(teacher, student, layers)
-        options = dict(attention_loss_options or {})
+            try:
+                self.layer_pairs = resolve_layer_pairs(teacher, student, options.layer_spec())
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"layers: {exc}") from None
         self.attention_losses = nn.ModuleList(
-            [loss_lib.get(attention_loss, **options) for _ in self.layer_pairs] if attention_loss else []
+            [loss_lib.get(attention_loss, **options.attention_loss_options) for _ in self.layer_pairs]
         )
         self._init_alpha(alpha)
         self._shapes_checked = False
+
+    @classmethod
+    def from_options(
+        cls, teacher: nn.Module, student: nn.Module, options: DistillOptions, *, output_loss: OutputLoss | None = None
+    ) -> "Distiller":
+        """A Distiller with the options of a :class:`~amad.options.DistillOptions` (e.g. a config's)."""
+        kwargs = {name: getattr(options, name) for name in DistillOptions.names()}
+        return cls(teacher, student, output_loss=output_loss, **kwargs)
 
     # -- alpha --------------------------------------------------------------
     def _init_alpha(self, alpha: float | str | Sequence[float]) -> None:
@@ -163,7 +181,7 @@ class Distiller(nn.Module):
         else:
             values = torch.tensor([float(a) for a in alpha], dtype=torch.float64)
             if values.numel() != n:
-                raise ValueError(f"alpha has {values.numel()} values for {n} layer pairs {self.layer_pairs}")
+                raise ValueError(f"alpha: {values.numel()} values for {n} layer pairs {self.layer_pairs}")
         self.register_buffer("alpha", values)
         # Running sums while measuring auto alpha; frozen once alpha_batches batches were seen.
         self.register_buffer("_alpha_seen", torch.zeros((), dtype=torch.long))
@@ -261,10 +279,7 @@ class Distiller(nn.Module):
                 check_layer_shapes(t_name, t_in, s_name, s_in)
             t_in = replace(t_in, query_mask=query_mask_for(t_in, batch))
             s_in = replace(s_in, query_mask=query_mask_for(s_in, batch))
-            streaming = self.streaming and loss.streaming_fn is not None
-            if self.streaming and not streaming:
-                logger.debug("%s has no streaming form; materialising its maps", type(loss).__name__)
-            terms.append(loss.from_inputs(t_in, s_in, streaming=streaming, block_size=self.block_size))
+            terms.append(loss.from_inputs(t_in, s_in, streaming=self.streaming, block_size=self.block_size))
         self._shapes_checked = True
         return terms
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from amad.losses import get
-from amad.losses.alignment import ProjectedAMAD, alignment_matrix, amad
+from amad.losses.alignment import alignment_matrix, amad
+from amad.losses.projected import ProjectedAMAD
 
 F64 = torch.float64
 VARIANTS = ("mse", "kl", "token", "s2t")

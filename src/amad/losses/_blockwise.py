@@ -1,4 +1,4 @@
-"""The engine under ``amad.losses.streaming``: sums over query blocks, checkpointed per block.
+"""The engine under every streaming loss: sums over query blocks, checkpointed per block.
 
 :func:`blockwise_sum` evaluates ``sum over blocks b of stats_fn(T_b, S_b, valid_b, *extras)``
 where ``T_b``, ``S_b`` are the Teacher and Student probabilities of query rows
@@ -19,8 +19,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from ..attention import AttentionInputs
-from ._common import apply_mask
+from ..attention import AttentionInputs, check_map_shapes
+from ._common import HALF_DTYPES, apply_mask, kl_elements, reduce_per_sample, rownorm1
 
 #: Largest number of map entries (``B * H * rows * k``) one block may hold when
 #: ``block_size`` is None (16 MiB in float32). Measured (benchmarks/README.md):
@@ -251,3 +251,57 @@ def teacher_blocks(
         stop = min(start + block_size, teacher.q_len)
         block = block_view(teacher, start, stop).probs().to(dtype)
         yield apply_mask(block, common_valid(teacher, student, start, stop))
+
+
+# -- shared by the families' streaming forms -------------------------------------
+def prepare_streaming(
+    teacher: AttentionInputs, student: AttentionInputs, block_size: int | None, name: str
+) -> tuple[int, torch.dtype, torch.dtype]:
+    """Validate the pair; return (rows per block, working dtype, output dtype)."""
+    for label, x in (("teacher", teacher), ("student", student)):
+        if not isinstance(x, AttentionInputs):
+            raise TypeError(f"{name}: {label} must be AttentionInputs, got {type(x).__name__}")
+        if not x.query.is_floating_point() or not x.key.is_floating_point():
+            raise TypeError(f"{name}: {label} query/key must be floating point; got {x.query.dtype}/{x.key.dtype}")
+    check_map_shapes(teacher, student, name=name)
+    check_finite_inputs(teacher, "Teacher", name)
+    check_finite_inputs(student, "Student", name)
+    out_dtype = torch.promote_types(teacher.query.dtype, student.query.dtype)
+    work = torch.float32 if out_dtype in HALF_DTYPES else out_dtype
+    return resolve_block_size(block_size, teacher, student), work, out_dtype
+
+
+def reduce_streaming(per_sample: Tensor, heads: int, teacher: AttentionInputs, student: AttentionInputs,
+            block: int, reduction: str, out_dtype: torch.dtype) -> Tensor:
+    """The map losses' reduction of per-sample sums (``_common.reduce_per_sample``), counts from the inputs' masks."""
+    n = student.q_len * student.k_len
+    counts = per_sample.new_full((student.batch_size,), float(n))
+    if reduction == "mean":
+        counts = valid_counts(teacher, student, block, per_sample.dtype)
+    return reduce_per_sample(per_sample, heads, n, counts, reduction).to(out_dtype)
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x > 0``, else 0, with finite gradients everywhere."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def outer(a: Tensor, b: Tensor) -> Tensor:
+    return a[..., :, None] * b[..., None, :]
+
+
+def flat(x: Tensor) -> Tensor:
+    return x.flatten(2)
+
+
+def masked_sum(elements: Tensor, valid: Tensor | None) -> Tensor:
+    """Per-sample sum of ``(B, H, rows, k)`` element losses over valid entries."""
+    if valid is not None:
+        elements = torch.where(valid, elements, torch.zeros((), dtype=elements.dtype, device=elements.device))
+    return elements.sum(dim=(1, 2, 3))
+
+
+def row_kl(t: Tensor, s: Tensor, valid: Tensor | None) -> Tensor:
+    """Per-sample sum of ``KL(t_row || s_row)`` terms (``eps = 1e-7``) of masked ``(B, H, rows, k)`` maps."""
+    return masked_sum(kl_elements(rownorm1(t), rownorm1(s)), valid)

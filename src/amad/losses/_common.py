@@ -23,6 +23,10 @@ from torch import Tensor
 REDUCTIONS = ("paper", "mean")
 
 
+#: Half-precision dtypes: losses compute them in float32 and return the input dtype.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def check_maps(teacher: Tensor, student: Tensor, mask: Tensor | None = None, *, name: str = "loss") -> Tensor | None:
     """Validate a Teacher/Student pair of maps; return the mask expanded to ``(B, 1, q, k)``."""
     for label, t in (("teacher", teacher), ("student", student)):

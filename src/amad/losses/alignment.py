@@ -30,10 +30,13 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import streaming as streaming_forms
+from ..attention import AttentionInputs
+from . import _gram
+from ._blockwise import StatsFn, blockwise_sum, flat, masked_sum, outer, prepare_streaming, reduce_streaming, safe_sqrt
 from ._common import (
+    HALF_DTYPES,
     apply_mask,
     check_maps,
     check_reduction,
@@ -42,12 +45,13 @@ from ._common import (
     reduce_per_sample,
     rownorm1,
     rownorm2,
+    safe_normalize,
     valid_counts,
 )
 from .base import AttentionLoss
 from .registry import register
 
-__all__ = ["amad", "alignment_matrix", "AMADMSELoss", "AMADKLLoss", "AMADTokenLoss", "AMADS2TLoss", "ProjectedAMAD"]
+__all__ = ["amad", "streaming_amad", "alignment_matrix", "head_similarity", "AMADMSELoss", "AMADKLLoss", "AMADTokenLoss", "AMADS2TLoss"]
 
 #: Alignment similarities each variant accepts; the first one is its default.
 ALIGNMENTS: dict[str, tuple[str, ...]] = {
@@ -57,7 +61,6 @@ ALIGNMENTS: dict[str, tuple[str, ...]] = {
     "s2t": ("cosine",),
 }
 VARIANTS = tuple(ALIGNMENTS)
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def check_options(
@@ -85,7 +88,7 @@ def _prepare(
     """Validate, cast half precision to float32 and zero the masked entries of both maps."""
     full_mask = check_maps(teacher, student, mask, name=name)
     out_dtype = torch.promote_types(teacher.dtype, student.dtype)
-    work = torch.float32 if out_dtype in _HALF else out_dtype
+    work = torch.float32 if out_dtype in HALF_DTYPES else out_dtype
     t = apply_mask(teacher.to(work), full_mask)
     s = apply_mask(student.to(work), full_mask)
     return t, s, full_mask, out_dtype
@@ -184,6 +187,16 @@ def amad(
 
 
 @torch.no_grad()
+def head_similarity(teacher: Tensor, student: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """``W = T^ S^^T`` ``(B, H_t, H_s)``: the cosine similarity of flattened maps (rows L2-normalised), float32+.
+
+    An all-zero map has similarity 0 to everything.
+    """
+    t, s, _, _ = _prepare(teacher, student, mask, name="head_similarity")
+    return rownorm2(t.flatten(2)) @ rownorm2(s.flatten(2)).transpose(1, 2)
+
+
+@torch.no_grad()
 def alignment_matrix(
     teacher: Tensor,
     student: Tensor,
@@ -203,6 +216,83 @@ def alignment_matrix(
     return _variant_elements(t, s, variant, alignment, temperature, eps)[1]
 
 
+# -- streaming forms (never hold a whole map) --------------------------------------
+def _kl_alignment_stats(cosine: bool) -> StatsFn:
+    def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, ...]:
+        ft, fs = flat(t), flat(s)
+        sums = (ft @ fs.mT, ft.sum(dim=-1), fs.sum(dim=-1))
+        return sums + ((ft * ft).sum(dim=-1), (fs * fs).sum(dim=-1)) if cosine else sums
+
+    return stats
+
+
+def _kl_terms(eps: float) -> StatsFn:
+    def stats(
+        t: Tensor, s: Tensor, valid: Tensor | None, weights: Tensor, t_sum: Tensor, s_sum: Tensor
+    ) -> tuple[Tensor]:
+        t_l1 = safe_normalize(t, t_sum[..., None, None])
+        mixed = torch.einsum("bij,bjrk->birk", weights, safe_normalize(s, s_sum[..., None, None]))
+        return (masked_sum(kl_elements(rownorm1(t_l1), rownorm1(mixed), eps), valid),)
+
+    return stats
+
+
+def _kl_per_sample(teacher: AttentionInputs, student: AttentionInputs, block: int, work: torch.dtype,
+                   alignment: str, temperature: float, eps: float) -> Tensor:
+    cosine = alignment == "cosine"
+    first = blockwise_sum(teacher, student, _kl_alignment_stats(cosine), block_size=block, dtype=work)
+    g_ts, t_sum, s_sum = first[:3]
+    scale = outer(safe_sqrt(first[3]), safe_sqrt(first[4])) if cosine else outer(t_sum, s_sum)
+    weights = torch.softmax(safe_normalize(g_ts, scale) / temperature, dim=-1)
+    (per_sample,) = blockwise_sum(
+        teacher, student, _kl_terms(eps), weights, t_sum, s_sum, block_size=block, dtype=work
+    )
+    return per_sample
+
+
+# -- AMAD variant 4: per query row ---------------------------------------------
+def _token_terms(alignment: str, temperature: float, eps: float) -> StatsFn:
+    def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor]:
+        elements, _ = _token_elements(t, s, alignment, temperature, eps)
+        return (masked_sum(elements.transpose(1, 2), valid),)
+
+    return stats
+
+
+def streaming_amad(
+    teacher: AttentionInputs,
+    student: AttentionInputs,
+    *,
+    variant: str = "mse",
+    block_size: int | None = None,
+    reduction: str = "paper",
+    alignment: str | None = None,
+    temperature: float = 1.0,
+    eps: float = 1e-7,
+) -> Tensor:
+    """Streaming :func:`amad.losses.amad` on recorded inputs; same value and gradients.
+
+    ``block_size``: query rows per block (None: as many as fit ``2**22`` map
+    entries per block). Variant 3 (``ProjectedAMAD``) has no streaming form: its
+    ``n x n`` projection is itself larger than a map.
+    """
+    name = f"streaming amad({variant})"
+    alignment = check_options(variant, reduction=reduction, alignment=alignment, temperature=temperature, eps=eps,
+                              name=name)
+    block, work, out_dtype = prepare_streaming(teacher, student, block_size, name)
+    heads = student.num_heads if variant == "s2t" else teacher.num_heads
+    if variant in ("mse", "s2t"):
+        grams, grad = (_gram.mse_grams, _gram.mse_student_grad) if variant == "mse" else (_gram.s2t_grams, _gram.s2t_student_grad)
+        g_xy, g_yy, x_sq = blockwise_sum(teacher, student, grams, block_size=block, dtype=work, student_grad_fn=grad)
+        per_sample = _gram.explained_rows_loss(g_xy, g_yy, x_sq, temperature)
+    elif variant == "kl":
+        per_sample = _kl_per_sample(teacher, student, block, work, alignment, temperature, eps)
+    else:
+        terms = _token_terms(alignment, temperature, eps)
+        (per_sample,) = blockwise_sum(teacher, student, terms, block_size=block, dtype=work)
+    return reduce_streaming(per_sample, heads, teacher, student, block, reduction, out_dtype)
+
+
 class _PresetAMAD(AttentionLoss):
     """AMAD with a fixed variant; options are checked when the loss is built."""
 
@@ -219,7 +309,7 @@ class _PresetAMAD(AttentionLoss):
         """Each preset's map and streaming functions are :func:`amad` with its ``variant``."""
         super().__init_subclass__(**kwargs)
         cls.map_fn = staticmethod(partial(amad, variant=cls.variant))
-        cls.streaming_fn = staticmethod(partial(streaming_forms.amad, variant=cls.variant))
+        cls.streaming_fn = staticmethod(partial(streaming_amad, variant=cls.variant))
 
 
 @register("amad-mse")
@@ -248,59 +338,3 @@ class AMADS2TLoss(_PresetAMAD):
     """AMAD Student-to-Teacher (variant 1 with the roles swapped); may collapse, not a default."""
 
     variant = "s2t"
-
-
-@register("amad-projected")
-class ProjectedAMAD(AttentionLoss):
-    """AMAD variant 3: ``ReLU(S W^T + b)`` on the Student's flattened maps, then variant 2.
-
-    ``n = q*k`` is fixed at construction (``W`` is ``n x n``); maps with another
-    ``q*k`` are an error. ``W`` and ``b`` are ordinary parameters: they belong in
-    the Student's optimizer and checkpoint. Initialised to ``W = I``, ``b = 0``,
-    so that at the start (maps are non-negative, ReLU is then the identity) the
-    loss equals plain variant 2 and training moves it away only if that helps.
-    Masked entries are zeroed before and after the projection.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        *,
-        reduction: str = "paper",
-        alignment: str | None = None,
-        temperature: float = 1.0,
-        eps: float = 1e-7,
-    ) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"ProjectedAMAD: n (= q*k of the maps) must be a positive int; got {n!r}")
-        options = {"reduction": reduction, "alignment": alignment, "temperature": temperature, "eps": eps}
-        check_options("kl", name="ProjectedAMAD", **options)
-        super().__init__(**options)
-        self.n = n
-        self.projection = nn.Linear(n, n)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``W = I``, ``b = 0``: the loss starts as plain variant 2."""
-        with torch.no_grad():
-            self.projection.weight.copy_(torch.eye(self.n))
-            self.projection.bias.zero_()
-
-    def extra_repr(self) -> str:
-        return f"n={self.n}, " + super().extra_repr()
-
-    def forward(self, teacher: Tensor, student: Tensor, mask: Tensor | None = None) -> Tensor:
-        options: dict[str, Any] = self.options
-        alignment = check_options("kl", name="ProjectedAMAD", **options)
-        t, s, full_mask, out_dtype = _prepare(teacher, student, mask, name="ProjectedAMAD")
-        batch, h_s, q, k = s.shape
-        if q * k != self.n:
-            raise ValueError(
-                f"ProjectedAMAD was built for n = q*k = {self.n}; got maps with q={q}, k={k} "
-                f"(n={q * k}), Teacher {tuple(teacher.shape)}, Student {tuple(student.shape)}"
-            )
-        weight, bias = self.projection.weight.to(s.dtype), self.projection.bias.to(s.dtype)
-        projected = torch.relu(nn.functional.linear(s.reshape(batch, h_s, self.n), weight, bias))
-        s = apply_mask(projected.reshape(s.shape), full_mask)
-        elements, _ = _variant_elements(t, s, "kl", alignment, options["temperature"], options["eps"])
-        return _reduce(elements, full_mask, options["reduction"]).to(out_dtype)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from ..attention import AttentionInputs
+from ..attention import AttentionInputs, check_map_shapes
 
 
 def combined_mask(teacher: AttentionInputs, student: AttentionInputs) -> Tensor | None:
@@ -24,16 +24,6 @@ def combined_mask(teacher: AttentionInputs, student: AttentionInputs) -> Tensor 
     if s is None:
         return t
     return t & s
-
-
-def check_pair(teacher: AttentionInputs, student: AttentionInputs, *, name: str) -> None:
-    """Teacher and Student maps must share ``B, q, k``."""
-    t, s = teacher.map_shape, student.map_shape
-    if (t[0], t[2], t[3]) != (s[0], s[2], s[3]):
-        raise ValueError(
-            f"{name}: Teacher maps {t} and Student maps {s} must have the same batch size, "
-            "query length q and key length k"
-        )
 
 
 class AttentionLoss(nn.Module):
@@ -48,6 +38,13 @@ class AttentionLoss(nn.Module):
     map_fn: Callable[..., Tensor] | None = None
     #: Blockwise function on inputs: fn(teacher_inputs, student_inputs, *, block_size=..., **options) -> scalar.
     streaming_fn: Callable[..., Tensor] | None = None
+    #: Why a loss without ``streaming_fn`` has no streaming form (required then; see :attr:`streams`).
+    no_streaming_reason: str | None = None
+
+    @property
+    def streams(self) -> bool:
+        """Whether :meth:`from_inputs` with ``streaming=True`` avoids whole maps (else it materialises them)."""
+        return type(self).streaming_fn is not None
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
@@ -73,11 +70,12 @@ class AttentionLoss(nn.Module):
         """The loss from recorded layer inputs (Teacher side already detached).
 
         ``streaming=False`` materialises both maps; ``streaming=True`` uses
-        :meth:`streaming_loss`, which never holds a whole map.
+        :meth:`streaming_loss`, which never holds a whole map, when the loss
+        :attr:`streams`, and materialises them otherwise (``no_streaming_reason`` says why).
         """
-        check_pair(teacher, student, name=type(self).__name__)
+        check_map_shapes(teacher, student, name=type(self).__name__)
         self.check_inputs(teacher, student)
-        if streaming:
+        if streaming and self.streams:
             return self.streaming_loss(teacher, student, block_size=block_size)
         return self.materialised_loss(teacher, student)
 
@@ -93,5 +91,5 @@ class AttentionLoss(nn.Module):
     ) -> Tensor:
         """Blockwise form of the loss (see ``amad.losses.streaming``); never holds a whole map."""
         if self.streaming_fn is None:
-            raise NotImplementedError(f"{type(self).__name__} has no streaming form")
+            raise NotImplementedError(f"{type(self).__name__} has no streaming form: {self.no_streaming_reason}")
         return type(self).streaming_fn(teacher, student, block_size=block_size, **self.options)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import streaming as streaming_forms
+from ..attention import AttentionInputs
+from ._blockwise import StatsFn, blockwise_sum, masked_sum, prepare_streaming, reduce_streaming, row_kl
 from ._common import apply_mask, check_maps, check_reduction, reduce_per_sample, valid_counts
 from .base import AttentionLoss
 from .one_to_one import check_kind, matched_head_loss
 from .registry import register
 
-__all__ = ["head_mean", "HeadMeanLoss"]
+__all__ = ["head_mean", "streaming_head_mean", "HeadMeanLoss"]
 
 
 def head_mean(
@@ -54,12 +55,38 @@ def head_mean(
     return reduce_per_sample(squared.reshape(batch, -1).sum(dim=1), 1, q * k, counts, reduction)
 
 
+def _head_mean_stats(kind: str) -> StatsFn:
+    def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor]:
+        t_mean, s_mean = t.mean(dim=1, keepdim=True), s.mean(dim=1, keepdim=True)
+        if kind == "kl":
+            return (row_kl(t_mean, s_mean, valid),)
+        return (masked_sum((t_mean - s_mean) ** 2, valid),)
+
+    return stats
+
+
+def streaming_head_mean(
+    teacher: AttentionInputs,
+    student: AttentionInputs,
+    *,
+    block_size: int | None = None,
+    kind: str = "mse",
+    reduction: str = "mean",
+) -> Tensor:
+    """Streaming :func:`amad.losses.head_mean`: mean Teacher map vs mean Student map, per element or per row."""
+    check_kind(kind, name="streaming head_mean")
+    check_reduction(reduction, name="streaming head_mean")
+    block, work, out_dtype = prepare_streaming(teacher, student, block_size, "streaming head_mean")
+    (per_sample,) = blockwise_sum(teacher, student, _head_mean_stats(kind), block_size=block, dtype=work)
+    return reduce_streaming(per_sample, 1, teacher, student, block, reduction, out_dtype)
+
+
 @register("head-mean")
 class HeadMeanLoss(AttentionLoss):
-    """Module form of :func:`head_mean`; options ``kind`` and ``reduction``; streams (``streaming.head_mean``)."""
+    """Module form of :func:`head_mean`; options ``kind`` and ``reduction``; streams (:func:`streaming_head_mean`)."""
 
     map_fn = staticmethod(head_mean)
-    streaming_fn = staticmethod(streaming_forms.head_mean)
+    streaming_fn = staticmethod(streaming_head_mean)
 
     def __init__(self, *, kind: str = "mse", reduction: str = "mean") -> None:
         check_kind(kind, name="head-mean")

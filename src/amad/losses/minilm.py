@@ -205,6 +205,9 @@ class MiniLMRelationsLoss(AttentionLoss):
     """
 
     needs = "qkv"
+    no_streaming_reason = (
+        "it needs no attention map: its relations come from Q/K/V directly, one (B, A_r, L, L) relation at a time"
+    )
 
     def __init__(self, *, num_relation_heads: int, relations: Sequence[str] = ("qq", "kk", "vv")) -> None:
         _check_num_relation_heads(num_relation_heads)
@@ -219,9 +222,3 @@ class MiniLMRelationsLoss(AttentionLoss):
             query_mask=_both(teacher.query_mask, student.query_mask),
             **self.options,
         )
-
-    def streaming_loss(
-        self, teacher: AttentionInputs, student: AttentionInputs, *, block_size: int | None = None
-    ) -> Tensor:
-        """The same as :meth:`materialised_loss` (``B x A x q x k`` relation blocks, never attention maps)."""
-        return self.materialised_loss(teacher, student)

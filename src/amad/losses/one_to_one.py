@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import streaming as streaming_forms
+from ..attention import AttentionInputs
+from ._blockwise import StatsFn, blockwise_sum, flat, prepare_streaming, reduce_streaming, row_kl, safe_sqrt
 from ._common import (
     apply_mask,
     check_maps,
@@ -27,12 +28,13 @@ from ._common import (
     reduce_per_sample,
     rownorm1,
     rownorm2,
+    safe_normalize,
     valid_counts,
 )
 from .base import AttentionLoss
 from .registry import register
 
-__all__ = ["one_to_one", "OneToOneLoss"]
+__all__ = ["one_to_one", "streaming_one_to_one", "OneToOneLoss"]
 
 KINDS = ("mse", "kl")
 
@@ -78,12 +80,49 @@ def one_to_one(
     return matched_head_loss(teacher, student, kind=kind, mask=mask, reduction=reduction)
 
 
+def _matched_stats(heads: int, kind: str) -> StatsFn:
+    def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, ...]:
+        t, s = t[:, :heads], s[:, :heads]
+        if kind == "kl":
+            return (row_kl(t, s, valid),)
+        ft, fs = flat(t), flat(s)
+        return (ft * fs).sum(dim=-1), (ft * ft).sum(dim=-1), (fs * fs).sum(dim=-1)
+
+    return stats
+
+
+def streaming_one_to_one(
+    teacher: AttentionInputs,
+    student: AttentionInputs,
+    *,
+    block_size: int | None = None,
+    kind: str = "mse",
+    reduction: str = "paper",
+) -> Tensor:
+    """Streaming :func:`amad.losses.one_to_one`: Teacher head j vs Student head j, ``j < min(H_t, H_s)``.
+
+    ``kind="mse"``: ``||T^_j - S^_j||^2 = 2 - 2 <t_j, s_j> / (|t_j| |s_j|)`` from three sums per head.
+    """
+    check_kind(kind, name="streaming one_to_one")
+    check_reduction(reduction, name="streaming one_to_one")
+    block, work, out_dtype = prepare_streaming(teacher, student, block_size, "streaming one_to_one")
+    heads = min(teacher.num_heads, student.num_heads)
+    sums = blockwise_sum(teacher, student, _matched_stats(heads, kind), block_size=block, dtype=work)
+    if kind == "kl":
+        per_sample = sums[0]
+    else:
+        inner, t_sq, s_sq = sums
+        cosine = safe_normalize(inner, safe_sqrt(t_sq) * safe_sqrt(s_sq))
+        per_sample = ((t_sq > 0).to(inner.dtype) + (s_sq > 0).to(inner.dtype) - 2 * cosine).sum(dim=-1)
+    return reduce_streaming(per_sample, heads, teacher, student, block, reduction, out_dtype)
+
+
 @register("one-to-one")
 class OneToOneLoss(AttentionLoss):
-    """Module form of :func:`one_to_one`; options ``kind`` and ``reduction``; streams (``streaming.one_to_one``)."""
+    """Module form of :func:`one_to_one`; options ``kind`` and ``reduction``; streams (:func:`streaming_one_to_one`)."""
 
     map_fn = staticmethod(one_to_one)
-    streaming_fn = staticmethod(streaming_forms.one_to_one)
+    streaming_fn = staticmethod(streaming_one_to_one)
 
     def __init__(self, *, kind: str = "mse", reduction: str = "paper") -> None:
         check_kind(kind, name="one-to-one")

@@ -66,6 +66,7 @@ class RKDDistanceLoss(AttentionLoss):
     """Module form of :func:`rkd_distance` (no options)."""
 
     map_fn = staticmethod(rkd_distance)
+    no_streaming_reason = "its distances compare whole per-sample map vectors across the batch"
 
     def __init__(self) -> None:
         super().__init__()

@@ -35,13 +35,13 @@ import torch
 from torch import Tensor
 
 from ..attention import AttentionInputs
-from . import streaming as streaming_forms
+from ._blockwise import StatsFn, blockwise_sum, prepare_streaming, reduce_streaming, row_kl, teacher_blocks
 from ._common import apply_mask, check_maps, check_reduction, check_temperature, rownorm1
 from .base import AttentionLoss, combined_mask
 from .one_to_one import matched_head_loss
 from .registry import register
 
-__all__ = ["shd", "squeeze_heads", "squeeze_plan", "pair_merge_alpha", "SHDLoss"]
+__all__ = ["shd", "streaming_shd", "squeeze_heads", "squeeze_plan", "squeeze_coefficients", "pair_merge_alpha", "SHDLoss"]
 
 
 def squeeze_plan(num_teacher_heads: int, num_student_heads: int) -> list[list[tuple[int, ...]]]:
@@ -162,17 +162,103 @@ def shd(
     return matched_head_loss(soften(merged, temperature), student, kind="kl", mask=mask, reduction=reduction)
 
 
+# -- streaming form ------------------------------------------------------------------
+def _teacher_values(teacher: AttentionInputs, dtype: torch.dtype) -> Tensor:
+    values = teacher.value
+    if values is None:
+        raise ValueError(
+            f"streaming shd needs the Teacher's value vectors, but the Teacher inputs have value=None "
+            f"(query {tuple(teacher.query.shape)}); record the values of this layer"
+        )
+    b, h, k = teacher.batch_size, teacher.num_heads, teacher.k_len
+    if values.dim() != 4 or tuple(values.shape[:3]) != (b, h, k) or not values.is_floating_point():
+        raise ValueError(
+            f"streaming shd: Teacher values must be floating point (B, H_t, k, d_v) = ({b}, {h}, {k}, d_v); "
+            f"got {values.dtype} {tuple(values.shape)}"
+        )
+    if not torch.isfinite(values).all():
+        raise ValueError(f"streaming shd: Teacher values {tuple(values.shape)} contain NaN or infinite values")
+    return values.detach().to(dtype)
+
+
+@torch.no_grad()
+def squeeze_coefficients(teacher: AttentionInputs, student: AttentionInputs, block_size: int,
+                         dtype: torch.dtype) -> Tensor:
+    """``C`` ``(B, H_s, H_t)`` with squeezed Teacher head ``h = sum_g C[b, h, g] T_g`` (SHD's merge rounds).
+
+    Each round's merged heads are mixtures of the original heads, so the pair
+    weights ``alpha = <D X_p, D Y> / ||D Y||^2`` (clipped to [0, 1], 0.5 when
+    ``D Y = 0``) need one Teacher pass accumulating both inner products over blocks.
+    """
+    values = _teacher_values(teacher, dtype)
+    batch, h_t = teacher.batch_size, teacher.num_heads
+    coeffs = torch.eye(h_t, dtype=dtype, device=values.device).expand(batch, h_t, h_t)
+    members = torch.eye(h_t, dtype=dtype, device=values.device)  # head h carries X = sum_g members[h, g] V_g
+    for groups in squeeze_plan(h_t, student.num_heads):
+        firsts = [g[0] for g in groups if len(g) == 2]
+        seconds = [g[1] for g in groups if len(g) == 2]
+        x_first = torch.einsum("pg,bgkd->bpkd", members[firsts], values)
+        x_sum = x_first + torch.einsum("pg,bgkd->bpkd", members[seconds], values)
+        diff = coeffs[:, firsts] - coeffs[:, seconds]
+        numerator = values.new_zeros(batch, len(firsts))
+        denominator = values.new_zeros(batch, len(firsts))
+        for t in teacher_blocks(teacher, student, block_size, dtype):
+            d_maps = torch.einsum("bpg,bgrk->bprk", diff, t)
+            dx, dy = d_maps @ x_first, d_maps @ x_sum
+            numerator += (dx * dy).sum(dim=(2, 3))
+            denominator += (dy * dy).sum(dim=(2, 3))
+        has_direction = denominator > 0
+        ratio = numerator / torch.where(has_direction, denominator, torch.ones_like(denominator))
+        alpha = torch.where(has_direction, ratio.clamp(0.0, 1.0), torch.full_like(ratio, 0.5))[..., None]
+        merged = alpha * coeffs[:, firsts] + (1 - alpha) * coeffs[:, seconds]
+        coeffs = torch.cat([merged, coeffs[:, [g[0] for g in groups if len(g) == 1]]], dim=1)
+        members = torch.cat([members[firsts] + members[seconds], members[[g[0] for g in groups if len(g) == 1]]])
+    return coeffs
+
+
+def _shd_stats(temperature: float, heads: int, coeffs: Tensor | None) -> StatsFn:
+    def stats(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor]:
+        merged = t if coeffs is None else torch.einsum("bhg,bgrk->bhrk", coeffs, t)
+        target = apply_mask(soften(merged[:, :heads], temperature), valid)
+        return (row_kl(target, s[:, :heads], valid),)
+
+    return stats
+
+
+def streaming_shd(
+    teacher: AttentionInputs,
+    student: AttentionInputs,
+    *,
+    block_size: int | None = None,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Streaming :func:`amad.losses.shd`; the Teacher's values come from ``teacher.value``."""
+    check_reduction(reduction, name="streaming shd")
+    check_temperature(temperature, name="streaming shd")
+    block, work, out_dtype = prepare_streaming(teacher, student, block_size, "streaming shd")
+    coeffs = None
+    if student.num_heads < teacher.num_heads:
+        coeffs = squeeze_coefficients(teacher, student, block, work)
+    else:
+        _teacher_values(teacher, work)  # the same error as the map form when values are missing
+    heads = min(teacher.num_heads, student.num_heads)
+    stats = _shd_stats(temperature, heads, coeffs)
+    (per_sample,) = blockwise_sum(teacher, student, stats, block_size=block, dtype=work)
+    return reduce_streaming(per_sample, heads, teacher, student, block, reduction, out_dtype)
+
+
 @register("shd")
 class SHDLoss(AttentionLoss):
     """Module form of :func:`shd`; options ``temperature`` and ``reduction``.
 
     Needs the Teacher's value vectors: :meth:`from_inputs` takes them from the
     recorded Teacher inputs (``teacher.value``); on maps, pass ``teacher_values=``.
-    Its streaming form is ``streaming.shd`` (one Teacher pass per merge round).
+    Its streaming form is :func:`streaming_shd` (one Teacher pass per merge round).
     """
 
     needs = "values"
-    streaming_fn = staticmethod(streaming_forms.shd)
+    streaming_fn = staticmethod(streaming_shd)
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "mean") -> None:
         check_reduction(reduction, name="shd")

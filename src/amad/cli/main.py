@@ -1,0 +1,229 @@
+"""The ``amad`` command: ``distill``, ``evaluate``, ``plot`` and ``demo``.
+
+Errors are one line on stderr: exit code 2 for a problem in the
+configuration or the arguments, 1 for anything that fails while running;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, Sequence
+
+from .. import __version__
+from .errors import ConfigError, missing_cli_modules
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("amad")
+
+DISTILL_HELP = """\
+Distil a Teacher into a Student as the YAML config says, then save the Student
+(from_pretrained-loadable), the resolved config (config.yaml), a small sample of
+inputs for `amad plot` and summary.json into the run directory.
+
+examples:
+  amad distill examples/sequence_classification.yaml --out runs/sst2
+  amad distill examples/seq2seq_t5.yaml --out runs/t5 \\
+      --set distill.alpha=0.2 --set training.max_steps=10
+  amad distill cfg.yaml --out runs/x --set distill.attention_loss=one-to-one \\
+      --set 'distill.layers=[[encoder.layer.11.attention.self, encoder.layer.5.attention.self]]'
+
+--set takes a dotted key and a YAML value; relative paths in the config file
+are relative to the file, those given with --set to the current directory.
+"""
+
+EVALUATE_HELP = """\
+Score the Teacher (from the config) and a distilled Student (--checkpoint) on
+the config's evaluation data, side by side: accuracy for classification, VQA
+accuracy for visual question answering, BLEU and CIDEr for seq2seq (all 0-100).
+Prints a table and writes JSON (default CHECKPOINT/eval_results.json).
+
+examples:
+  amad evaluate runs/sst2/config.yaml --checkpoint runs/sst2
+  amad evaluate examples/seq2seq_t5.yaml --checkpoint runs/t5/checkpoint-500 \\
+      --set data.max_eval_samples=200 --output t5_eval.json
+"""
+
+PLOT_HELP = """\
+Figures of a distillation run (like the AMAD paper's Figures 2-9): for every
+distilled layer pair, the Teacher x Student cosine similarity of the heads'
+attention maps (averaged over the inputs) next to AMAD's alignment softmax,
+and the per-head attention maps of both models for a few inputs. Needs the
+run directory written by `amad distill` (and the Teacher it names).
+
+examples:
+  amad plot runs/sst2
+  amad plot runs/vit --samples 4 --out figures/vit
+"""
+
+DEMO_HELP = """\
+The offline demo benchmarks (provided by amad.bench); their own options follow.
+
+examples:
+  amad demo --help
+  amad demo --quick --out runs/demo
+"""
+
+
+def _command(sub: Any, name: str, text: str, summary: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name, help=summary, description=text.split("\n\n")[0], epilog="\n\n".join(text.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amad",
+        description="Attention-map alignment distillation between transformers with different head counts.",
+        epilog="examples:\n  amad distill examples/sequence_classification.yaml --out runs/sst2\n"
+        "  amad evaluate runs/sst2/config.yaml --checkpoint runs/sst2\n  amad plot runs/sst2\n"
+        "  amad demo --quick --out runs/demo\n\nRun `amad COMMAND --help` for each command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"amad {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    distill = _command(sub, "distill", DISTILL_HELP, "distil a Teacher into a Student from a YAML config")
+    distill.add_argument("config", help="the run's YAML config")
+    distill.add_argument("--out", help="run directory (default: training.output_dir)")
+    _add_set(distill)
+    distill.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                         help="resume training from the latest (or the given) checkpoint")
+    distill.set_defaults(handler=lambda a: _with_config(a, "distill"))
+
+    evaluate = _command(sub, "evaluate", EVALUATE_HELP, "score Teacher and Student side by side")
+    evaluate.add_argument("config", help="the run's YAML config (e.g. RUN_DIR/config.yaml)")
+    evaluate.add_argument("--checkpoint", required=True, help="directory with the distilled Student")
+    evaluate.add_argument("--output", help="JSON file to write (default: CHECKPOINT/eval_results.json)")
+    evaluate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    _add_set(evaluate)
+    evaluate.set_defaults(handler=lambda a: _with_config(a, "evaluate"))
+
+    plot = _command(sub, "plot", PLOT_HELP, "plot attention similarity and per-head maps of a run")
+    plot.add_argument("run_dir", help="directory written by `amad distill`")
+    plot.add_argument("--samples", type=int, default=4, help="number of inputs to average over (default 4)")
+    plot.add_argument("--heads-samples", type=int, default=2, help="inputs to draw per-head maps for (default 2)")
+    plot.add_argument("--out", help="where to write the PNGs (default: RUN_DIR/plots)")
+    plot.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    plot.set_defaults(handler=lambda a: _commands().plot(a))
+
+    demo = sub.add_parser("demo", help="run the offline demo benchmarks (provided by amad.bench)", add_help=False,
+                          description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("args", nargs=argparse.REMAINDER)
+    demo.set_defaults(handler=lambda a: run_plugin("demo", a.args))
+    return parser
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted, YAML value); repeatable")
+
+
+def _with_config(args: argparse.Namespace, command: str) -> int:
+    """Run ``command`` on the config ``args.config`` (with ``--set``), read and checked before torch is imported."""
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    return getattr(_commands(), command)(args, cfg)
+
+
+def _commands() -> Any:
+    from . import commands  # heavy imports (torch, transformers) only when a command runs
+
+    return commands
+
+
+def run_plugin(name: str, args: Sequence[str]) -> int:
+    """Hand ``args`` (strings, as on the command line) to the plugin command ``name`` (``amad.cli.plugins``)."""
+    from .plugins import load_command
+
+    entry = load_command(name)
+    try:
+        code = entry(list(args))
+    except SystemExit as exc:  # the demo's own argparse: --help, or a usage error it printed
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return int(code) if isinstance(code, int) else 0
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (it may be swapped, e.g. by tests)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = str(exc.args[0])
+    return text or type(exc).__name__
+
+
+def _split_demo(argv: list[str]) -> tuple[bool, list[str]] | None:
+    """``amad [--debug] demo ARGS``: the demo's arguments go to it untouched."""
+    i = 0
+    while i < len(argv) and argv[i] == "--debug":
+        i += 1
+    if i < len(argv) and argv[i] == "demo":
+        return i > 0, argv[i + 1:]
+    return None
+
+
+def _run(name: str, action: Callable[[], int | None], debug: bool) -> int:
+    try:
+        code = action()
+    except ConfigError as exc:
+        if debug:
+            raise
+        print(f"amad {name}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"amad {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"amad {name}: error: {type(exc).__name__}: {_one_line(exc)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+    return int(code or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``amad`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    missing = missing_cli_modules()
+    if missing:
+        print(f"amad: error: the command line needs {', '.join(missing)}, which are not installed; "
+              "install the 'cli' extra: pip install 'amad[cli]'", file=sys.stderr)
+        return 2
+    demo = _split_demo(argv)
+    if demo is not None:
+        return _run("demo", lambda: run_plugin("demo", demo[1]), demo[0])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (argparse printed it)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    _setup_logging()
+    return _run(args.command, lambda: args.handler(args), args.debug)
