@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +19,7 @@ from transformers import (
 
 from amad import DistillationTrainer, Distiller
 from amad.trainer import DISTILLER_STATE_NAME
-from trainer_worker import SEQ, dataset, ddp_trainer, teacher_and_student
-
-REPO = Path(__file__).resolve().parents[1]
+from trainer_worker import SEQ, assert_matches_single_process, dataset, ddp_trainer, run_workers, teacher_and_student
 
 
 def make_args(output_dir: Path, **overrides) -> TrainingArguments:
@@ -309,26 +304,13 @@ def test_bf16_autocast_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_process_run_matches_one_process(tmp_path: Path) -> None:
     """torchrun: 2 CPU processes x 2 samples == 1 process x 4 (same logged losses, same Student after 3 steps)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO / "src")]))
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(REPO / "tests" / "trainer_worker.py"), str(tmp_path / "ddp"),
-    ]  # fmt: skip
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    run_workers("trainer_worker.py", tmp_path / "ddp")
     ddp = torch.load(tmp_path / "ddp" / "result.pt", weights_only=False)
     assert ddp["world_size"] == 2
 
     single = ddp_trainer(str(tmp_path / "single"), per_device_batch=4)
     single.train()
-    single_logs = [e for e in single.state.log_history if "loss" in e]
-    ddp_logs = [e for e in ddp["log_history"] if "loss" in e]
-    assert len(ddp_logs) == len(single_logs) == 3
-    for one, two in zip(single_logs, ddp_logs):
-        for key in [k for k in one if k.startswith("loss")]:
-            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
-    torch.testing.assert_close(ddp["alpha"], single.distiller.alpha, rtol=1e-6, atol=0)
-    assert_same_state(ddp["student"], clone_state(single.distiller.student), atol=1e-5)
+    assert_matches_single_process(ddp, single)
     # rank 0 saved a plain Student
     reloaded = BertForSequenceClassification.from_pretrained(str(tmp_path / "ddp" / "student"))
     assert_same_state(clone_state(reloaded), ddp["student"], atol=0)

@@ -8,7 +8,9 @@ trains the same setup as :func:`ddp_training_args` describes and rank 0 writes
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,9 +63,9 @@ def dataset(size: int, seed: int, padded: bool = True) -> list[dict[str, torch.T
     return rows
 
 
-def ddp_training_args(output_dir: str, per_device_batch: int) -> TrainingArguments:
+def ddp_training_args(output_dir: str, per_device_batch: int, **overrides: Any) -> TrainingArguments:
     """Plain SGD, sequential batches: the global batch of each step is the same for 1 and 2 processes."""
-    return TrainingArguments(
+    options = dict(
         output_dir=output_dir,
         per_device_train_batch_size=per_device_batch,
         max_steps=3,
@@ -80,9 +82,12 @@ def ddp_training_args(output_dir: str, per_device_batch: int) -> TrainingArgumen
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         dataloader_num_workers=0,
     )
+    return TrainingArguments(**{**options, **overrides})
 
 
-def ddp_trainer(output_dir: str, per_device_batch: int, attention_loss: str | None = "amad-mse") -> Any:
+def ddp_trainer(
+    output_dir: str, per_device_batch: int, attention_loss: str | None = "amad-mse", **overrides: Any
+) -> Any:
     """The run both the single-process test and the 2-process worker perform (8 unpadded samples)."""
     from amad import DistillationTrainer, Distiller
 
@@ -90,9 +95,39 @@ def ddp_trainer(output_dir: str, per_device_batch: int, attention_loss: str | No
     distiller = Distiller(teacher, student, attention_loss=attention_loss, layers="last", alpha="auto")
     return DistillationTrainer(
         model=distiller,
-        args=ddp_training_args(output_dir, per_device_batch),
+        args=ddp_training_args(output_dir, per_device_batch, **overrides),
         train_dataset=dataset(8, seed=5, padded=False),
     )
+
+
+def run_workers(script: str, out: Path, processes: int = 2) -> None:
+    """Launch ``tests/<script> out`` under torchrun on CPU processes; fail with their output if one fails."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent / "src")]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+        str(tests / script), str(out),
+    ]  # fmt: skip
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+
+def assert_matches_single_process(result: dict[str, Any], single: Any, atol: float = 1e-5) -> None:
+    """A distributed run (``result`` as :func:`main` writes it) logged the same losses and trained the same Student
+    and alpha as the 1-process ``single`` trainer (after ``train()``)."""
+    import pytest
+
+    single_logs = [e for e in single.state.log_history if "loss" in e]
+    logs = [e for e in result["log_history"] if "loss" in e]
+    assert len(logs) == len(single_logs) == single.args.max_steps
+    for one, two in zip(single_logs, logs):
+        for key in [k for k in one if k.startswith("loss")]:
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    torch.testing.assert_close(result["alpha"], single.distiller.alpha, rtol=1e-6, atol=0)
+    expected = single.distiller.student.state_dict()
+    assert result["student"].keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(result["student"][key], value, rtol=0, atol=atol, msg=f"{key} differs")
 
 
 def main(out: str, attention_loss: str | None = "amad-mse") -> None:

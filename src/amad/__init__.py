@@ -13,6 +13,7 @@ _LAZY = {
     "Distiller": "amad.distiller",
     "DistillationTrainer": "amad.trainer",
     "losses": "amad.losses",
+    "shard_for_fsdp": "amad.distributed",
 }
 
 __all__ = list(_LAZY) + ["__version__"]

@@ -20,7 +20,14 @@ torchrun). What changes:
   With ``alpha="auto"``, an evaluation before the first training batch weighs
   the attention terms by 0 (alpha is measured on training batches only).
 
-DeepSpeed, FSDP and SageMaker model parallelism are not supported.
+Sharding (FSDP2, both models; docs/distributed.md): under torchrun, pass
+``TrainingArguments(fsdp=True, fsdp_config={"version": 2, ...})`` or a Distiller
+already sharded by :func:`amad.distributed.shard_for_fsdp`. The Teacher and the
+Student are then sharded over the ranks (accelerate's own FSDP would shard the
+Student only), ``save_model`` gathers the full Student, and checkpoints need
+``save_only_model=True``; resuming and ``load_best_model_at_end`` under FSDP are
+refused. DeepSpeed, FSDP1, an FSDP ``accelerate config`` and SageMaker model
+parallelism are not supported.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from transformers.trainer_pt_utils import nested_detach
 from transformers.utils import find_labels
 
 from .distiller import Distiller
+from .distributed import full_state_dict, fsdp_options, is_sharded, shard_for_fsdp, unwrapped_class
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +153,7 @@ class DistillationTrainer(Trainer):
     def __init__(self, model: Distiller | None = None, args: Any = None, *pargs: Any, **kwargs: Any) -> None:
         if model is not None:
             _require_distiller(model)
+            _shard_if_requested(model, args)
         super().__init__(model, args, *pargs, **kwargs)
         if self.compute_loss_func is not None:
             raise ValueError(
@@ -154,7 +163,18 @@ class DistillationTrainer(Trainer):
         if self.args.label_smoothing_factor != 0:
             raise ValueError("label_smoothing_factor is not supported: the loss is the Distiller's (use gt_weight)")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError("DistillationTrainer supports single-device and DDP runs, not DeepSpeed or FSDP")
+            raise ValueError(
+                "DistillationTrainer supports single-device, DDP and its own FSDP2 (TrainingArguments(fsdp=True) or "
+                "amad.distributed.shard_for_fsdp), not DeepSpeed or an FSDP accelerate config (it would shard the "
+                "Student only): launch with torchrun or a plain multi-GPU accelerate config; see docs/distributed.md"
+            )
+        if is_sharded(self.distiller) and not getattr(self, "is_distributed_loading_by_transformers", False):
+            raise RuntimeError(
+                "this transformers' Trainer cannot run a model sharded before it (it would wrap it in DDP); FSDP "
+                "with DistillationTrainer needs a newer transformers (5.23 is tested)"
+            )
+        if is_sharded(self.distiller) and self.args.load_best_model_at_end:
+            raise ValueError("load_best_model_at_end is not supported under FSDP (checkpoints cannot be reloaded yet)")
         if self.args.activation_checkpointing:
             raise ValueError(
                 "activation_checkpointing is not supported by DistillationTrainer (the Distiller is not a "
@@ -163,10 +183,19 @@ class DistillationTrainer(Trainer):
         # The Distiller's loss is a per-batch mean: skip the Trainer's token counting (an all-gather per step).
         self.model_accepts_loss_kwargs = False
         if self.args.label_names is None:
-            self.label_names = find_labels(type(self.distiller.student))
+            self.label_names = find_labels(unwrapped_class(self.distiller.student))
         self._train_terms = TermAverages()
         self._eval_terms = TermAverages()
         self._alpha_logged = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        # FSDP is done by shard_for_fsdp (both models): accelerate's FSDP plugin, which would shard only the
+        # Student, is not created from TrainingArguments(fsdp=...).
+        plugin_args, self.args.fsdp_plugin_args = self.args.fsdp_plugin_args, None
+        try:
+            super().create_accelerator_and_postprocess()
+        finally:
+            self.args.fsdp_plugin_args = plugin_args
 
     @property
     def distiller(self) -> Distiller:
@@ -266,11 +295,13 @@ class DistillationTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Write the Student as ``save_pretrained`` does, plus the Distiller's extras; never the Teacher."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        distiller = self.distiller
+        if state_dict is None and is_sharded(distiller):
+            state_dict = full_state_dict(distiller)  # a collective: every rank gathers, rank 0 gets it
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         logger.info("Saving the Student and distiller state to %s", output_dir)
-        distiller = self.distiller
         student_state, extras = split_distiller_state(distiller.state_dict() if state_dict is None else state_dict)
         student = distiller.student
         if isinstance(student, PreTrainedModel) or hasattr(student, "save_pretrained"):
@@ -288,6 +319,8 @@ class DistillationTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if is_sharded(self.distiller):
+            raise ValueError("resuming from a checkpoint is not supported under FSDP yet; train without resuming")
         # The checkpoint's weights are the Student's own: load them into the Student, then the extras.
         super()._load_from_checkpoint(resume_from_checkpoint, model=self.distiller.student)
         load_distiller_state(self.distiller, resume_from_checkpoint)
@@ -307,6 +340,17 @@ class DistillationTrainer(Trainer):
             logger.warning("There were missing keys in the checkpoint model loaded: %s.", missing)
         if unexpected:
             logger.warning("There were unexpected keys in the checkpoint model loaded: %s.", unexpected)
+
+
+def _shard_if_requested(distiller: Distiller, args: Any) -> None:
+    """Shard with FSDP2 when ``args.fsdp`` asks for it; mark a sharded Distiller for the Trainer."""
+    if getattr(args, "fsdp", None) and not is_sharded(distiller):
+        _ = args.device  # under torchrun, this initialises torch.distributed
+        shard_for_fsdp(distiller, **fsdp_options(args.fsdp_config))
+    if is_sharded(distiller):
+        # The Trainer's flag for a model that owns its placement and gradient reduction (FSDP2 applied before
+        # the Trainer): it is neither wrapped in DDP nor prepared by accelerate's FSDP.
+        distiller.is_distributed_loading_by_transformers = True
 
 
 def _require_distiller(model: Any) -> None:

@@ -86,7 +86,7 @@ def test_tiny_end_to_end_run_writes_outputs_and_resumes(tmp_path: Path) -> None:
     )
 
     table = (out / "results.md").read_text()
-    for method, paper in [("teacher", "68.75"), ("gt", "56.44"), ("kd", "66.39"), ("kd+amad-mse", "67.79")]:
+    for method, paper in [("teacher", "68.75"), ("gt", "56.44"), ("kd", "66.39"), ("kd+amad-mse", "n/a")]:
         row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
         assert row.endswith(f"(n=1) | {paper} |"), row
 

@@ -47,13 +47,13 @@ class PaperReference:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-# Spec section 7. Method names are ours ("kd+amad-mse" = L_KD + AMAD variant 1, ...).
+# The paper's numbers (docs/method.md, section 12). Method names are ours ("kd+amad-mse" = L_KD + AMAD variant 1, ...).
 PAPER: dict[str, PaperReference] = {
     "vqa": PaperReference(
         "VQA-2.0 Karpathy test, VL-T5 base (12 heads) -> small (8 heads), Student without VL pre-training",
         "accuracy",
-        {"teacher": "68.75", "gt": "56.44", "kd": "66.39", "kd+amad-mse": "67.79"},
-        ("The paper says 'AMAD' for this setting without naming the variant; it is shown beside variant 1.",),
+        {"teacher": "68.75", "gt": "56.44", "kd": "66.39", "kd+amad-kl": "67.79"},
+        ("The paper says 'AMAD' for this setting without naming the variant; it is shown beside variant 2, the paper's headline AMAD (its Tables 2 and 6).",),
     ),
     "vqa-pretrained": PaperReference(
         "VQA-2.0 Karpathy test, VL-T5 base (12 heads) -> small (8 heads), Student VL-pre-trained",
@@ -67,17 +67,18 @@ PAPER: dict[str, PaperReference] = {
     "caption": PaperReference(
         "COCO captioning, BLIP large -> base, Student from random initialisation",
         "cider",
-        {"gt": "65.1", "kd+amad-mse": "95.0"},
+        {"gt": "65.1", "kd+amad-kl": "95.0"},
         ("Paper: 'CIDEr 65.1 -> 95.0 with AMAD'; we read 65.1 as the Student without distillation and "
-         "show 95.0 beside variant 1.",
+         "show 95.0 beside variant 2, the paper's headline AMAD.",
          "The paper's COCO captioning with VL-T5 (Student pre-trained): Teacher 115.1, Student 108.2, + L_KD 111.8, "
          "+ RKD-D 113.4, + AMAD 114.4 (CIDEr) - another architecture, not shown in the table.",),
     ),
     "translation-pretrained": PaperReference(
         "Multi30K En-De, VL-T5 small Student (VL-pre-trained)",
         "bleu",
-        {"teacher": "44.00", "gt": "41.90", "kd+amad-mse": "43.88"},
-        ("Paper: 'BLEU 41.90 -> 43.88 with AMAD'; we read 41.90 as the Student without distillation.",),
+        {"teacher": "44.00", "gt": "41.90", "kd+amad-kl": "43.88"},
+        ("Paper: 'BLEU 41.90 -> 43.88 with AMAD'; we read 41.90 as the Student without distillation and show "
+         "43.88 beside variant 2, the paper's headline AMAD.",),
     ),
 }
 
@@ -185,7 +186,7 @@ def render_markdown(
     if preamble:
         lines += [preamble.strip(), ""]
     lines += [
-        "Ours: mean +- standard error (sd/sqrt(n), over seeds; n/a when n = 1). Paper: spec section 7, "
+        "Ours: mean +- standard error (sd/sqrt(n), over seeds; n/a when n = 1). Paper: docs/method.md, section 12; "
         "'n/a' where the paper has no number for that method, setting or metric.",
         "",
     ]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..attention import AttentionInputs
+from ..distributed import unwrapped_class
 from .tensors import make_inputs
 
 
@@ -76,7 +77,7 @@ HOOK_SPECS: dict[str, HookSpec] = {
 
 def hook_spec(module: nn.Module) -> HookSpec | None:
     """The spec for ``module`` if it is a known inline attention layer with its projections."""
-    spec = HOOK_SPECS.get(type(module).__name__)
+    spec = HOOK_SPECS.get(unwrapped_class(module).__name__)  # FSDP2 renames a sharded module's class
     if spec is None or not all(isinstance(getattr(module, p, None), nn.Module) for p in spec.projections):
         return None
     return spec
