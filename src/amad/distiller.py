@@ -2,7 +2,7 @@
 
     L = kd_weight * L_KD + sum_l alpha_l * L_attn(l) + gt_weight * L_GT
 
-L_KD is the logit KD of spec section 5 (or any ``output_loss`` the user gives,
+L_KD is the logit KD of docs/method.md (or any ``output_loss`` the user gives,
 e.g. an embedding loss), L_attn(l) the chosen attention loss on the l-th
 (Teacher layer, Student layer) pair, L_GT the Student's own ground-truth loss.
 ``alpha="auto"`` sets each alpha_l on the first ``alpha_batches`` batches so
@@ -71,7 +71,7 @@ def token_mask(batch: dict, length: int) -> Tensor | None:
 
 
 def default_output_loss(temperature: float) -> OutputLoss:
-    """Logit KD (spec section 5): classification (B, C) or per-token (B, L, V) with padding ignored."""
+    """Logit KD (docs/method.md): classification (B, C) or per-token (B, L, V) with padding ignored."""
 
     def kd(student_outputs: Any, teacher_outputs: Any, batch: dict) -> Tensor:
         s, t = _model_logits(student_outputs), _model_logits(teacher_outputs)

@@ -1,4 +1,4 @@
-"""AMAD (spec sections 2-3) against straightforward per-sample/per-head/per-row loops of the equations."""
+"""AMAD (docs/method.md, sections 3-7) against straightforward per-sample/per-head/per-row loops of the equations."""
 
 from __future__ import annotations
 

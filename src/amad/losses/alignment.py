@@ -1,4 +1,4 @@
-"""AMAD: attention-map alignment distillation (spec sections 2 and 3).
+"""AMAD: attention-map alignment distillation (docs/method.md, sections 3-7).
 
 Each Teacher head is matched to a soft mixture of *all* Student heads, so the
 loss works for any pair of head counts ``H_t``, ``H_s``. Per sample, with ``T``
