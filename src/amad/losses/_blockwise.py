@@ -6,8 +6,8 @@ where ``T_b``, ``S_b`` are the Teacher and Student probabilities of query rows
 mask, causality), and ``stats_fn`` returns small per-sample statistics. Its
 backward recomputes each Student block with gradients enabled and backpropagates
 the incoming gradient of the statistics through it (per-block checkpointing; a
-pass may instead supply ``dL/dS_b`` in closed form, as the Gram passes do), so
-neither pass ever holds a whole ``(B, H, q, k)`` map: the peak is a few block-sized
+pass may instead supply ``dL/dS_b`` in closed form, as the Gram passes do, and the
+softmax and ``Q K^T`` backward then run without autograd), so neither pass ever holds a whole ``(B, H, q, k)`` map: the peak is a few block-sized
 tensors, ``O(B * H * block_size * k)``, independent of ``q``.
 """
 
@@ -96,13 +96,23 @@ def _check_finite_sums(totals: Sequence[Tensor], plan: "BlockPlan") -> None:
     )
 
 
-def _drop_all_true_masks(inputs: AttentionInputs) -> AttentionInputs:
-    """The same inputs without a key or query mask that masks nothing (saves passes over every block)."""
-    mask = None if inputs.mask is None or bool(inputs.mask.all()) else inputs.mask
-    query_mask = None if inputs.query_mask is None or bool(inputs.query_mask.all()) else inputs.query_mask
-    if mask is inputs.mask and query_mask is inputs.query_mask:
-        return inputs
-    return replace(inputs, mask=mask, query_mask=query_mask)
+def _drop_all_true_masks(*inputs: AttentionInputs) -> list[AttentionInputs]:
+    """The same inputs without the key and query masks that mask nothing (saves passes over every block).
+
+    One host-device synchronisation for all the masks (when they share a device).
+    """
+    masks = [(i, field) for i, x in enumerate(inputs) for field in ("mask", "query_mask")
+             if getattr(x, field) is not None]
+    if not masks:
+        return list(inputs)
+    flags = [getattr(inputs[i], field).all() for i, field in masks]
+    same_device = len({f.device for f in flags}) == 1
+    all_true = torch.stack(flags).tolist() if same_device else [bool(f) for f in flags]
+    out = list(inputs)
+    for (i, field), drop in zip(masks, all_true):
+        if drop:
+            out[i] = replace(out[i], **{field: None})
+    return out
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,7 @@ class BlockPlan:
 
     def pair(self, start: int, view: AttentionInputs, student_probs: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Teacher block (no gradient), Student block from ``view`` (or its ``student_probs``) and their common valid mask."""
+        """Teacher block (no gradient), Student block from ``view`` (or its ``student_probs``), common valid mask."""
         stop = min(start + self.block_size, self.student.q_len)
         with torch.no_grad():
             t_view = block_view(self.teacher, start, stop)
@@ -170,9 +180,9 @@ class _BlockwiseSum(torch.autograd.Function):
         for start in plan.blocks():
             stop = min(start + plan.block_size, query.shape[2])
             if plan.student_grad_fn is not None:
-                grad_bias_rows = grad_bias[..., start:stop, :] if bias_by_rows and need_b else grad_bias
-                _closed_form_grads(plan, start, stop, query, key, bias, grad_outputs,
-                                   None if grad_query is None else grad_query[:, :, start:stop], grad_key, grad_bias_rows)
+                query_rows = None if grad_query is None else grad_query[:, :, start:stop]
+                bias_rows = grad_bias[..., start:stop, :] if bias_by_rows and need_b else grad_bias
+                _closed_form_grads(plan, start, stop, query, key, bias, grad_outputs, query_rows, grad_key, bias_rows)
                 continue
             with torch.enable_grad():
                 q_rows = query[:, :, start:stop].detach().requires_grad_(need_q)
@@ -267,7 +277,7 @@ def blockwise_sum(
     """
     if student_grad_fn is not None and extras:
         raise ValueError("blockwise_sum: student_grad_fn cannot give the gradients of extras")
-    teacher, student = _drop_all_true_masks(teacher.detach()), _drop_all_true_masks(student)
+    teacher, student = _drop_all_true_masks(teacher.detach(), student)
     plan = BlockPlan(teacher, student, block_size, dtype, stats_fn, student_grad_fn, name)
     return _BlockwiseSum.apply(plan, student.query, student.key, student.bias, *extras)
 
