@@ -13,6 +13,7 @@ _LAZY = {
     "Distiller": "amad.distiller",
     "DistillationTrainer": "amad.trainer",
     "losses": "amad.losses",
+    "student_from_teacher": "amad.student_init",
 }
 
 __all__ = list(_LAZY) + ["__version__"]

@@ -1,0 +1,1 @@
+"""Benchmarks layer: real Teachers shipped by optional packages, and what runs on them."""
