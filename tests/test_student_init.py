@@ -194,7 +194,9 @@ def test_amad_rule_keeps_heads_that_cover_the_teacher_where_first_keeps_duplicat
     amad = student_from_teacher(teacher, num_heads=2, num_kv_heads=2, head_rule="amad", calibration_batch=batch())
     assert all(p.query_heads == (0, 2) for p in first.head_plans)  # head 2 has head 0's maps
     assert all(p.query_heads == (0, 3) and p.kv_heads == (0, 1) for p in amad.head_plans)
-    assert torch.equal(amad.model.layers[1].self_attn.q_proj.weight, rows(teacher.model.layers[1].self_attn.q_proj.weight, [0, 3]))
+    got, ref = amad.model.layers[1].self_attn, teacher.model.layers[1].self_attn
+    assert torch.equal(got.q_proj.weight, rows(ref.q_proj.weight, [0, 3]))
+    assert torch.equal(got.k_proj.weight, ref.k_proj.weight)  # both kv groups kept, one query head each
 
 
 def test_select_heads_maximises_coverage_greedily_under_the_group_constraint() -> None:
@@ -300,9 +302,9 @@ def test_initialising_from_the_teacher_lowers_the_step_0_kd_loss(rule: str, seed
     inputs = dict(batch(), labels=batch()["input_ids"].masked_fill(batch()["attention_mask"] == 0, -100))
     initialised = student_from_teacher(teacher, layers=2, num_heads=3, head_rule=rule, calibration_batch=batch())
     random = llama(layers=2, heads=3, kv=1, seed=100 + seed, init=0.02)
+    models = {"initialised": initialised, "random": random, "teacher": copy.deepcopy(teacher)}
     with torch.no_grad():
-        kd = {name: Distiller(teacher, model, attention_loss=None)(**inputs).losses["kd"]
-              for name, model in (("initialised", initialised), ("random", random), ("teacher", copy.deepcopy(teacher)))}
+        kd = {name: Distiller(teacher, m, attention_loss=None)(**inputs).losses["kd"] for name, m in models.items()}
     excess = {name: float(kd[name] - kd["teacher"]) for name in ("initialised", "random")}  # KL to the Teacher
     assert 0 < excess["initialised"] < excess["random"] / 2, excess
 

@@ -146,8 +146,10 @@ def select_heads(
     return HeadPlan(tuple(kept), tuple(kv))
 
 
-def group_heads(num_heads: int, *, teacher_heads: int, rule: str = "first", similarity: Tensor | None = None) -> HeadPlan:
-    """Re-split plan: the Teacher's heads in ``num_heads`` groups of ``r = H_t / H_s`` (rule ``"first"`` or ``"amad"``)."""
+def group_heads(
+    num_heads: int, *, teacher_heads: int, rule: str = "first", similarity: Tensor | None = None
+) -> HeadPlan:
+    """Re-split plan: the Teacher's heads in ``num_heads`` groups of ``r = H_t / H_s`` (rule "first" or "amad")."""
     size = teacher_heads // num_heads
     if rule == "first":
         groups = [list(range(j * size, (j + 1) * size)) for j in range(num_heads)]

@@ -165,10 +165,12 @@ def _magnitudes(teacher: nn.Module, layout: _Layout, layer: int, counts: tuple[i
     value = teacher.get_submodule(f"{layout.prefix}.{layer}.{layout.value}").weight.double()
     output = teacher.get_submodule(f"{layout.prefix}.{layer}.{layout.output}").weight.double()
     group = heads // kv
-    return torch.stack([
-        torch.linalg.matrix_norm(output[:, h * dim : (h + 1) * dim] @ value[(h // group) * dim : (h // group + 1) * dim])
-        for h in range(heads)
-    ])
+
+    def block(weight: Tensor, head: int) -> Tensor:
+        return weight[head * dim : (head + 1) * dim]
+
+    norms = [torch.linalg.matrix_norm(block(output.T, h).T @ block(value, h // group)) for h in range(heads)]
+    return torch.stack(norms)
 
 
 @torch.no_grad()
@@ -256,7 +258,9 @@ def _student_state(teacher: nn.Module, student: nn.Module, layout: _Layout, kept
         else:
             teacher_key, value = key, source.get(key)
         if value is None:
-            raise ValueError(f"student_from_teacher: the Teacher has no tensor {teacher_key!r} for the Student's {key!r}")
+            raise ValueError(
+                f"student_from_teacher: the Teacher has no tensor {teacher_key!r} for the Student's {key!r}"
+            )
         if value.shape != target.shape:
             raise ValueError(
                 f"student_from_teacher: Teacher {teacher_key!r} gives shape {tuple(value.shape)} but the Student's "
