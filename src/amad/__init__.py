@@ -14,6 +14,7 @@ _LAZY = {
     "DistillationTrainer": "amad.trainer",
     "losses": "amad.losses",
     "shard_for_fsdp": "amad.distributed",
+    "student_from_teacher": "amad.student_init",
 }
 
 __all__ = list(_LAZY) + ["__version__"]

@@ -21,7 +21,11 @@ is None, the query rows are masked by ``mask`` if Q has the length of K/V
 (self-attention) and are all valid otherwise (cross-attention). Causality is
 not applied: a relation looks at every real token. With grouped-query
 attention the recorded K/V heads are already expanded to ``H`` (the expanded
-hidden size is re-split).
+hidden size is re-split). When the relation heads line up with whole kv
+heads, a K-K or V-V relation is then that of the un-expanded K/V with logits
+scaled by ``sqrt(g)``, ``g`` the query heads per kv head: a Teacher and a
+Student with the same ``g`` (SmolLM2's 9/3 and Students 3/1, 6/2) are compared
+at the same scale; with different ``g`` their K/V relations differ in sharpness.
 """
 
 from __future__ import annotations
