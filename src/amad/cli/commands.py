@@ -24,7 +24,10 @@ from .typed import ConfigError
 
 logger = logging.getLogger("amad.cli")
 
-__all__ = ["Prepared", "prepare", "distill", "evaluate", "plot", "PLOT_INPUTS", "SUMMARY", "EVAL_RESULTS"]
+__all__ = [
+    "Prepared", "prepare", "Distilled", "run_distillation", "distill", "evaluate", "plot", "PLOT_INPUTS", "SUMMARY",
+    "EVAL_RESULTS",
+]
 
 PLOT_INPUTS = "plot_inputs.pt"
 SUMMARY = "summary.json"
@@ -90,15 +93,22 @@ def _plot_inputs(run: Prepared, pairs: list) -> dict:
     return {"task": run.cfg.task, "layer_pairs": [list(p) for p in pairs], "samples": samples}
 
 
-def distill(args: Any, cfg: RunConfig) -> int:
+@dataclass
+class Distilled:
+    """What :func:`run_distillation` leaves: the summary written to ``summary.json``, the data and the models."""
+
+    summary: dict
+    run: Prepared
+    distiller: Any
+
+
+def run_distillation(cfg: RunConfig, run_dir: str | Path, *, resume: Any = None) -> Distilled:
+    """One ``amad distill`` run of ``cfg`` into ``run_dir`` (Student, config.yaml, plot inputs, summary.json)."""
     from transformers import set_seed
 
     from ..trainer import DistillationTrainer
 
     check_distill(cfg)
-    run_dir = args.out or cfg.training.get("output_dir")
-    if not run_dir:
-        raise ConfigError("--out: give a run directory (or set training.output_dir)")
     run_dir = Path(run_dir).resolve()
     training = {"seed": cfg.seed, "dataloader_pin_memory": torch.cuda.is_available(), **cfg.training}
     training_args = training_arguments(training, training.get("output_dir", run_dir))
@@ -114,7 +124,7 @@ def distill(args: Any, cfg: RunConfig) -> int:
         model=distiller, args=training_args, train_dataset=run.train, eval_dataset=run.eval,
         data_collator=run.collator, processing_class=run.tokenizer or run.image_processor,
     )
-    result = trainer.train(resume_from_checkpoint=args.resume)
+    result = trainer.train(resume_from_checkpoint=resume)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(run_dir))
@@ -139,6 +149,15 @@ def distill(args: Any, cfg: RunConfig) -> int:
     }
     _write_json(run_dir / SUMMARY, summary)
     logger.info("Student, config.yaml and %s written to %s", PLOT_INPUTS, run_dir)
+    return Distilled(summary, run, distiller)
+
+
+def distill(args: Any, cfg: RunConfig) -> int:
+    check_distill(cfg)
+    run_dir = args.out or cfg.training.get("output_dir")
+    if not run_dir:
+        raise ConfigError("--out: give a run directory (or set training.output_dir)")
+    run_distillation(cfg, run_dir, resume=args.resume)
     return 0
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from ..options import DistillOptions
+from .tune_options import TuneOptions
 from .typed import ConfigError, build as _build, convert, fields_of as _fields, kind, parse_yaml, suggest
 
 __all__ = [
@@ -120,6 +121,7 @@ class RunConfig:
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     seed: int = 0
+    tune: TuneOptions = field(default_factory=TuneOptions)  # read by `amad tune` only
 
 
 REQUIRED = {"task", "teacher", "student", "data", "data.train"}
@@ -329,4 +331,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = (), *, cwd: 
 
 def config_to_dict(cfg: RunConfig) -> dict:
     """Plain data for writing the resolved config back to YAML (loadable with :func:`load_config`)."""
-    return dataclasses.asdict(cfg)
+    data = dataclasses.asdict(cfg)
+    if cfg.tune == TuneOptions():  # no `tune:` section unless one was given
+        del data["tune"]
+    return data

@@ -1,4 +1,4 @@
-"""The ``amad`` command: ``distill``, ``evaluate``, ``plot`` and ``demo``.
+"""The ``amad`` command: ``distill``, ``evaluate``, ``plot``, ``tune`` and ``demo``.
 
 Errors are one line on stderr: exit code 2 for a problem in the
 configuration or the arguments, 1 for anything that fails while running;
@@ -59,6 +59,21 @@ examples:
   amad plot runs/vit --samples 4 --out figures/vit
 """
 
+TUNE_HELP = """\
+Choose the attention loss, its alpha (and AMAD's alignment temperature) on a
+validation split with Optuna: each trial is a short `amad distill` run scored on
+rows held out of data.train (data.eval, the test split, is never used). The study
+is kept in OUT/study.db: running the same command again continues it. Writes
+OUT/tune.md, OUT/plots/alpha_vs_metric.png and OUT/best.yaml (for amad distill).
+Needs the 'tune' extra (optuna). The search space is the config's tune: section
+(docs/tuning.md); the flags below override it.
+
+examples:
+  amad tune examples/sequence_classification.yaml --out runs/tune --max-steps 200
+  amad tune cfg.yaml --out runs/tune --losses amad-mse,one-to-one --sampler grid
+  amad distill runs/tune/best.yaml --out runs/best
+"""
+
 DEMO_HELP = """\
 The offline demo benchmarks (provided by amad.bench); their own options follow.
 
@@ -83,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attention-map alignment distillation between transformers with different head counts.",
         epilog="examples:\n  amad distill examples/sequence_classification.yaml --out runs/sst2\n"
         "  amad evaluate runs/sst2/config.yaml --checkpoint runs/sst2\n  amad plot runs/sst2\n"
+        "  amad tune examples/sequence_classification.yaml --out runs/tune\n"
         "  amad demo --quick --out runs/demo\n\nRun `amad COMMAND --help` for each command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -114,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     plot.set_defaults(handler=lambda a: _commands().plot(a))
 
+    tune = _command(sub, "tune", TUNE_HELP, "choose the loss, alpha and temperature on a validation split")
+    tune.add_argument("config", help="the run's YAML config (its tune: section sets the search)")
+    tune.add_argument("--out", required=True, help="directory of the study (created; reused to continue)")
+    tune.add_argument("--losses", help="comma-separated attention losses (tune.losses)")
+    tune.add_argument("--sampler", choices=("tpe", "grid"), help="tune.sampler (default tpe)")
+    tune.add_argument("--n-trials", type=int, help="trials in the study (tune.n_trials)")
+    tune.add_argument("--max-steps", type=int, help="training.max_steps of each trial (tune.max_steps)")
+    tune.add_argument("--validation", help="a separate validation file (tune.validation)")
+    tune.add_argument("--validation-fraction", type=float, help="share of data.train held out (default 0.1)")
+    tune.add_argument("--metric", help="validation metric to maximise (default: the task's first)")
+    tune.add_argument("--seed", type=int, help="seed of the sampler and the split (default: the config's)")
+    _add_set(tune)
+    tune.set_defaults(handler=_tune)
+
     demo = sub.add_parser("demo", help="run the offline demo benchmarks (provided by amad.bench)", add_help=False,
                           description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("args", nargs=argparse.REMAINDER)
@@ -132,6 +162,17 @@ def _with_config(args: argparse.Namespace, command: str) -> int:
 
     cfg = load_config(args.config, args.set)
     return getattr(_commands(), command)(args, cfg)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .tune_options import flag_overrides, require_optuna
+
+    require_optuna()  # before the config is read: a missing extra is the first thing to hear about
+    cfg = load_config(args.config, [*args.set, *flag_overrides(args)])
+    from .tune import tune
+
+    return tune(args, cfg)
 
 
 def _commands() -> Any:
