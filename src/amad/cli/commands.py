@@ -20,6 +20,7 @@ import yaml
 from .building import check_model_pair, check_processors, load_image_processor, load_model, load_tokenizer, model_configs
 from .config import ModelSpec, RunConfig, check_distill, config_to_dict, load_config, training_arguments
 from .data import TaskCollator, check_labels, expand_references, label_names, load_splits
+from .run_dir import check_run_dir, remove_previous_run, resume_hint
 from .typed import ConfigError
 
 logger = logging.getLogger("amad.cli")
@@ -102,7 +103,11 @@ def distill(args: Any, cfg: RunConfig) -> int:
     run_dir = Path(run_dir).resolve()
     training = {"seed": cfg.seed, "dataloader_pin_memory": torch.cuda.is_available(), **cfg.training}
     training_args = training_arguments(training, training.get("output_dir", run_dir))
+    checkpoint_dir, need_optimizer = Path(training_args.output_dir).resolve(), not training_args.save_only_model
+    check_run_dir(args, run_dir, checkpoint_dir, need_optimizer)
     run = prepare(cfg)
+    if args.overwrite:
+        remove_previous_run(run_dir, checkpoint_dir, keep=Path(args.config))
 
     started = time.time()
     set_seed(cfg.seed)
@@ -114,7 +119,10 @@ def distill(args: Any, cfg: RunConfig) -> int:
         model=distiller, args=training_args, train_dataset=run.train, eval_dataset=run.eval,
         data_collator=run.collator, processing_class=run.tokenizer or run.image_processor,
     )
-    result = trainer.train(resume_from_checkpoint=args.resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=args.resume)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_hint(args, run_dir, checkpoint_dir, need_optimizer)) from None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(run_dir))
