@@ -45,6 +45,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_pt_utils import nested_detach
 from transformers.utils import find_labels
 
+from .checkpoints import AtomicCheckpoints
 from .distiller import Distiller
 from .distributed import full_state_dict, fsdp_options, is_sharded, shard_for_fsdp, unwrapped_class
 
@@ -138,17 +139,20 @@ def _student_predictions(student_outputs: Any, ignore_keys: list[str]) -> Any:
     return predictions[0] if len(predictions) == 1 else predictions
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(AtomicCheckpoints, Trainer):
     """A `transformers.Trainer` whose ``model`` is a :class:`~amad.Distiller`.
 
     Construct it exactly like a ``Trainer``. Checkpoints hold the Student (in
     its own ``save_pretrained`` format) and ``distiller_state.safetensors``,
     never the Teacher; only Student and learnable loss parameters reach the
-    optimizer.
+    optimizer. Checkpoints are crash-safe (:mod:`amad.checkpoints`): ``resume_from_checkpoint=True`` resumes
+    from the newest complete one.
     """
 
     # The Distiller's loss is a mean over its batch: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
+    # Checkpoints are written aside and renamed into place (amad.checkpoints); these files make one complete.
+    checkpoint_files = (DISTILLER_STATE_NAME,)
 
     def __init__(self, model: Distiller | None = None, args: Any = None, *pargs: Any, **kwargs: Any) -> None:
         if model is not None:

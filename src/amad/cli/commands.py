@@ -20,6 +20,7 @@ import yaml
 from .building import check_model_pair, check_processors, load_image_processor, load_model, load_tokenizer, model_configs
 from .config import ModelSpec, RunConfig, check_distill, config_to_dict, load_config, training_arguments
 from .data import TaskCollator, check_labels, expand_references, label_names, load_splits
+from .run_dir import check_run_dir, remove_previous_run, resume_hint
 from .typed import ConfigError
 
 logger = logging.getLogger("amad.cli")
@@ -102,8 +103,11 @@ class Distilled:
     distiller: Any
 
 
-def run_distillation(cfg: RunConfig, run_dir: str | Path, *, resume: Any = None) -> Distilled:
-    """One ``amad distill`` run of ``cfg`` into ``run_dir`` (Student, config.yaml, plot inputs, summary.json)."""
+def run_distillation(cfg: RunConfig, run_dir: str | Path, *, args: Any = None) -> Distilled:
+    """One ``amad distill`` run of ``cfg`` into ``run_dir`` (Student, config.yaml, plot inputs, summary.json).
+
+    ``args``: the command line's ``--resume`` / ``--overwrite`` / ``--set`` (None: a fresh run, as tune's trials).
+    """
     from transformers import set_seed
 
     from ..trainer import DistillationTrainer
@@ -112,7 +116,12 @@ def run_distillation(cfg: RunConfig, run_dir: str | Path, *, resume: Any = None)
     run_dir = Path(run_dir).resolve()
     training = {"seed": cfg.seed, "dataloader_pin_memory": torch.cuda.is_available(), **cfg.training}
     training_args = training_arguments(training, training.get("output_dir", run_dir))
+    checkpoint_dir, need_optimizer = Path(training_args.output_dir).resolve(), not training_args.save_only_model
+    if args is not None:
+        check_run_dir(args, run_dir, checkpoint_dir, need_optimizer)
     run = prepare(cfg)
+    if args is not None and args.overwrite:
+        remove_previous_run(run_dir, checkpoint_dir, keep=Path(args.config))
 
     started = time.time()
     set_seed(cfg.seed)
@@ -124,7 +133,12 @@ def run_distillation(cfg: RunConfig, run_dir: str | Path, *, resume: Any = None)
         model=distiller, args=training_args, train_dataset=run.train, eval_dataset=run.eval,
         data_collator=run.collator, processing_class=run.tokenizer or run.image_processor,
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=None if args is None else args.resume)
+    except KeyboardInterrupt:
+        if args is None:
+            raise
+        raise KeyboardInterrupt(resume_hint(args, run_dir, checkpoint_dir, need_optimizer)) from None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(run_dir))
@@ -153,11 +167,10 @@ def run_distillation(cfg: RunConfig, run_dir: str | Path, *, resume: Any = None)
 
 
 def distill(args: Any, cfg: RunConfig) -> int:
-    check_distill(cfg)
     run_dir = args.out or cfg.training.get("output_dir")
     if not run_dir:
         raise ConfigError("--out: give a run directory (or set training.output_dir)")
-    run_distillation(cfg, run_dir, resume=args.resume)
+    run_distillation(cfg, run_dir, args=args)
     return 0
 
 

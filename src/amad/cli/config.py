@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from ..options import DistillOptions
+from .step_counts import check_step_counts
 from .tune_options import TuneOptions
 from .typed import ConfigError, build as _build, convert, fields_of as _fields, kind, parse_yaml, suggest
 
@@ -272,6 +273,7 @@ def training_arguments(training: dict[str, Any], output_dir: str | Path) -> Any:
                 f"unknown key 'training.{key}'{suggest(key, names)} (training: takes TrainingArguments fields)"
             )
         convert(value, hints[key], f"training.{key}")
+    check_step_counts(training)
     if training.get("remove_unused_columns"):
         raise ConfigError("training.remove_unused_columns: must be false (the CLI's data collator reads raw columns)")
     kwargs = {"output_dir": str(output_dir), "remove_unused_columns": False, **training}

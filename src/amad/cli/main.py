@@ -33,6 +33,12 @@ examples:
 
 --set takes a dotted key and a YAML value; relative paths in the config file
 are relative to the file, those given with --set to the current directory.
+
+A run directory holds one run: reusing one is refused unless --resume (continue
+from its newest complete checkpoint; give the same --set options) or
+--overwrite (remove its checkpoints and the files amad distill wrote first).
+Checkpoints are written aside and renamed into place, so a crash leaves only
+complete ones; after Ctrl-C the message says how to resume.
 """
 
 EVALUATE_HELP = """\
@@ -111,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--out", help="run directory (default: training.output_dir)")
     _add_set(distill)
     distill.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                         help="resume training from the latest (or the given) checkpoint")
+                         help="resume training from the newest complete (or the given) checkpoint")
+    distill.add_argument("--overwrite", action="store_true",
+                         help="replace a previous run in the run directory (its checkpoints and outputs are removed)")
     distill.set_defaults(handler=lambda a: _with_config(a, "distill"))
 
     evaluate = _command(sub, "evaluate", EVALUATE_HELP, "score Teacher and Student side by side")
@@ -238,8 +246,8 @@ def _run(name: str, action: Callable[[], int | None], debug: bool) -> int:
             raise
         print(f"amad {name}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"amad {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # its message, if any, says how to resume (amad distill)
+        print(f"amad {name}: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except Exception as exc:
         if debug:
