@@ -13,6 +13,7 @@ _LAZY = {
     "Distiller": "amad.distiller",
     "DistillationTrainer": "amad.trainer",
     "losses": "amad.losses",
+    "weighting": "amad.weighting",
 }
 
 __all__ = list(_LAZY) + ["__version__"]
@@ -22,7 +23,7 @@ def __getattr__(name: str) -> Any:
     """Import heavy submodules (transformers) only when they are used."""
     if name in _LAZY:
         module = import_module(_LAZY[name])
-        value = module if name == "losses" else getattr(module, name)
+        value = module if name in ("losses", "weighting") else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'amad' has no attribute {name!r}")

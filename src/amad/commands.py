@@ -92,6 +92,7 @@ def _distiller(cfg: RunConfig, teacher: Any, student: Any) -> Any:
             teacher, student, attention_loss=d.attention_loss, layers=layers, alpha=d.alpha,
             kd_temperature=d.kd_temperature, gt_weight=d.gt_weight, streaming=d.streaming, kd_weight=d.kd_weight,
             attention_loss_options=d.loss_options, alpha_batches=d.alpha_batches, block_size=d.block_size,
+            alpha_ratio=d.alpha_ratio,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"distill: {exc}") from None

@@ -102,7 +102,8 @@ class DistillSpec:
     loss_options: dict[str, Any] = field(default_factory=dict)
     layers: str | list[list[str]] = "last"
     alpha: float | str | list[float] = "auto"
-    alpha_batches: int = 1
+    alpha_batches: int = 8
+    alpha_ratio: float = 1.0
     kd_temperature: float = 1.0
     kd_weight: float = 1.0
     gt_weight: float = 0.0
@@ -256,8 +257,10 @@ def _check_layers(spec: DistillSpec) -> None:
 def _check_numbers(cfg: RunConfig) -> None:
     d = cfg.distill
     alpha = d.alpha
-    if isinstance(alpha, str) and alpha != "auto":
-        raise ConfigError(f"distill.alpha: expected 'auto', a number or a list of numbers, got {alpha!r}")
+    if isinstance(alpha, str) and alpha not in ("auto", "loss-ratio", "paper"):
+        raise ConfigError(
+            f"distill.alpha: expected 'auto', 'loss-ratio', 'paper', a number or a list of numbers, got {alpha!r}"
+        )
     values = alpha if isinstance(alpha, list) else [] if isinstance(alpha, str) else [alpha]
     if any(v < 0 for v in values):
         raise ConfigError(f"distill.alpha: weights must be >= 0, got {alpha!r}")
@@ -268,6 +271,7 @@ def _check_numbers(cfg: RunConfig) -> None:
         "distill.kd_weight": (d.kd_weight, d.kd_weight >= 0, ">= 0"),
         "distill.gt_weight": (d.gt_weight, d.gt_weight >= 0, ">= 0"),
         "distill.alpha_batches": (d.alpha_batches, d.alpha_batches >= 1, ">= 1"),
+        "distill.alpha_ratio": (d.alpha_ratio, d.alpha_ratio > 0, "> 0"),
         "distill.block_size": (d.block_size, d.block_size is None or d.block_size >= 1, ">= 1"),
         "data.max_length": (cfg.data.max_length, cfg.data.max_length >= 1, ">= 1"),
         "data.max_target_length": (cfg.data.max_target_length, cfg.data.max_target_length >= 1, ">= 1"),
@@ -280,8 +284,8 @@ def _check_numbers(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: must be {rule}, got {value!r}")
     if d.kd_weight == 0 and d.gt_weight == 0 and d.attention_loss is None:
         raise ConfigError("distill: nothing to train (kd_weight 0, gt_weight 0 and attention_loss null)")
-    if d.alpha == "auto" and d.attention_loss is not None and d.kd_weight == 0 and d.gt_weight == 0:
-        raise ConfigError("distill.alpha: 'auto' scales against the KD or ground-truth term; both weights are 0")
+    if d.alpha in ("auto", "loss-ratio") and d.attention_loss is not None and d.kd_weight == 0 and d.gt_weight == 0:
+        raise ConfigError(f"distill.alpha: {d.alpha!r} scales against the KD or ground-truth term; both weights are 0")
 
 
 def _check_processors(cfg: RunConfig) -> None:
