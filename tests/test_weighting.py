@@ -109,6 +109,23 @@ def test_one_measuring_batch_leaves_grad_untouched_and_uses_the_estimate_so_far(
     torch.testing.assert_close(out.losses[name].detach(), distiller.alpha[0].float() * raw)
 
 
+def test_calibration_runs_without_autocast_and_keeps_the_random_state() -> None:
+    batches = bert_batches()[:2]
+    plain = measured_alpha(batches)
+    teacher, student = teacher_and_student("bert")
+    for module in student.modules():  # dropout draws random numbers during the measuring forward
+        if isinstance(module, nn.Dropout):
+            module.p = 0.1
+    distiller = Distiller(teacher, student, alpha_batches=2)
+    state = torch.random.get_rng_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distiller.calibrate_alpha(batches)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = measured_alpha(batches)
+    torch.testing.assert_close(in_autocast, plain, rtol=1e-6, atol=0)
+
+
 # -- (a) batch order -----------------------------------------------------------------------------------------------
 
 

@@ -257,19 +257,25 @@ class Distiller(nn.Module):
         """Measure alpha (or check given weights) on ``batches``, without training; returns :meth:`alpha_report`.
 
         Runs the training forward (train mode, gradients on) on each batch until ``alpha_batches`` were
-        measured, then freezes alpha, even if fewer batches came. Nothing is written to ``.grad`` and the
-        random state is left as it was. Give batches drawn at random from the training data: the first
-        batches of a length-sorted sampler (``group_by_length``) are the longest, which biases any rule.
-        Does nothing once alpha is frozen (e.g. restored from a checkpoint).
+        measured, then freezes alpha, even if fewer batches came. Nothing is written to ``.grad``, the
+        random state is left as it was, and autocast is off (measured in the weights' precision). Give
+        batches drawn at random from the training data: the first batches of a length-sorted sampler
+        (``group_by_length``) are the longest, which biases any rule. Does nothing once alpha is frozen
+        (e.g. restored from a checkpoint).
         """
         if not self.measuring_alpha:
             return self.alpha_report()
         was_training = self.training
-        devices = sorted({p.device.index or 0 for p in (*self.teacher.parameters(), *self.parameters())
-                          if p.device.type == "cuda"})
+        params = (*self.teacher.parameters(), *self.parameters())
+        devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
         self.train()
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            with ExitStack() as stack:
+                stack.enter_context(torch.random.fork_rng(devices=devices))
+                stack.enter_context(torch.enable_grad())
+                for device_type in {p.device.type for p in params} & {"cpu", "cuda"}:
+                    # measured in the weights' precision: float16 autocast could flush small gradients to 0
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
                 for batch in batches:
                     self(**batch)
                     if not self.measuring_alpha:
