@@ -85,8 +85,8 @@ def test_auto_alpha_is_the_ratio_of_mean_shared_gradient_norms() -> None:
     for batch in batches:
         out = reference(**batch)
         for l, pair in enumerate(reference.layer_pairs):
-            sums[:, l] += torch.tensor(shared_norms(out.losses["kd"], out.losses[f"attn[{pair[0]}->{pair[1]}]"], params),
-                                       dtype=torch.float64)
+            term = out.losses[f"attn[{pair[0]}->{pair[1]}]"]
+            sums[:, l] += torch.tensor(shared_norms(out.losses["kd"], term, params), dtype=torch.float64)
     distiller = Distiller(teacher, student, alpha_batches=2, alpha_ratio=0.5).train()
     for batch in batches:
         distiller(**batch)
@@ -323,7 +323,8 @@ def pad(features: list[dict]) -> dict:
     ids = torch.zeros(len(features), length, dtype=torch.long)
     for i, f in enumerate(features):
         ids[i, : len(f["input_ids"])] = f["input_ids"]
-    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.stack([f["labels"] for f in features])}
+    labels = torch.stack([f["labels"] for f in features])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
 
 
 def trainer_alpha(tmp_path: Path, sampling: str, alpha: str = "auto", **options: Any) -> Tensor:
