@@ -139,9 +139,10 @@ def raw_terms(teacher: nn.Module, student: nn.Module, batch: dict) -> dict[str, 
         return Distiller(teacher, student, alpha=1.0)(**batch).losses
 
 
-def test_auto_alpha_matches_kd_on_the_first_batch_then_stays_frozen() -> None:
+def test_loss_ratio_alpha_matches_kd_on_the_first_batch_then_stays_frozen() -> None:
+    """The former rule, kept as alpha="loss-ratio" (alpha="auto" is tested in test_weighting.py)."""
     teacher, student = teacher_and_student("t5")
-    distiller = Distiller(teacher, student)
+    distiller = Distiller(teacher, student, alpha="loss-ratio", alpha_batches=1)
     first, second = seq2seq_batch(), seq2seq_batch(target_length=4)
     second["input_ids"] = second["input_ids"].flip(1)
 
@@ -192,11 +193,11 @@ def test_bad_alpha_is_a_clear_error() -> None:
         Distiller(teacher, student, alpha_batches=0)
 
 
-def test_auto_alpha_over_two_batches_is_the_ratio_of_their_sums() -> None:
+def test_loss_ratio_alpha_over_two_batches_is_the_ratio_of_their_sums() -> None:
     teacher, student = teacher_and_student("bert")
     batches = [text_classification_batch(), text_classification_batch(padded=False)]
     raws = [raw_terms(teacher, student, b) for b in batches]
-    distiller = Distiller(teacher, student, alpha_batches=2).train()
+    distiller = Distiller(teacher, student, alpha="loss-ratio", alpha_batches=2).train()
     name = term_name(distiller.layer_pairs[0])
 
     distiller(**batches[0])

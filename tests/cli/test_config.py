@@ -148,7 +148,7 @@ def test_training_values_are_type_checked(tmp_path: Path) -> None:
         ("data.labels=pos", r"data.labels: expected a list"),
         ("task=sequence-clasification", r"task: 'sequence-clasification' is not one of .*did you mean 'sequence-classification'"),
         ("distill.alpha=[0.1, x]", r"distill.alpha: expected a number or a string or a list"),
-        ("distill.alpha=fast", r"distill.alpha: expected one of 'auto', 'paper', a number or a list of numbers, got 'fast'"),
+        ("distill.alpha=fast", r"distill.alpha: expected one of 'auto', 'loss-ratio', 'paper', a number or a list of numbers, got 'fast'"),
         ("distill.alpha=-1", r"distill.alpha: weights must be finite numbers >= 0"),
         ("distill.kd_temperature=0", r"distill.kd_temperature: must be > 0, got 0.0"),
         ("distill.layers=first", r"distill.layers: 'first' is not 'last', 'uniform'"),
