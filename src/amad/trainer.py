@@ -42,6 +42,7 @@ import inspect
 import json
 import logging
 import os
+import sys
 from typing import Any, Callable, Iterator
 
 import safetensors.torch
@@ -49,7 +50,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_pt_utils import nested_detach
-from transformers.utils import find_labels, is_datasets_available
+from transformers.utils import find_labels
 
 from .checkpoints import AtomicCheckpoints
 from .distiller import Distiller
@@ -404,11 +405,8 @@ def _calibration_batches(trainer: Trainer, count: int) -> Iterator[dict] | None:
 
 
 def _is_arrow_dataset(dataset: Any) -> bool:
-    if not is_datasets_available():
-        return False
-    import datasets
-
-    return isinstance(dataset, datasets.Dataset)
+    datasets = sys.modules.get("datasets")  # an Arrow dataset means the package is already imported
+    return datasets is not None and isinstance(dataset, datasets.Dataset)
 
 
 def _require_distiller(model: Any) -> None:
