@@ -85,12 +85,17 @@ def _check_top_k(top_k: int | None, classes: int) -> None:
 def _teacher_target_and_student_log_probs(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float, top_k: int | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """``(p_T, log p_S)`` over the full vocabulary, or over the Teacher's top-k indices (renormalised p_T)."""
-    log_pred = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    """``(p_T, log p_S)`` over the full vocabulary, or over the Teacher's top-k indices (renormalised p_T).
+
+    Top-k: ``log p_S(c) = z_S[c] / tau - logsumexp(z_S / tau)``, so no ``(B, L, V)`` log-softmax is kept.
+    """
+    student = student_logits.to(dtype)
+    student = student / temperature if temperature != 1 else student
     if top_k is None:
-        return torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1), log_pred
+        return torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1), torch.log_softmax(student, dim=-1)
     values, indices = teacher_logits.topk(top_k, dim=-1)
-    return torch.softmax(values.to(dtype) / temperature, dim=-1), log_pred.gather(-1, indices)
+    log_pred = student.gather(-1, indices) - torch.logsumexp(student, dim=-1, keepdim=True)
+    return torch.softmax(values.to(dtype) / temperature, dim=-1), log_pred
 
 
 def logit_kd(
