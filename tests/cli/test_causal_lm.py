@@ -184,6 +184,9 @@ def test_distill_then_evaluate_reports_the_metrics_of_each_sequence(tiny_run: Pa
     printed = capsys.readouterr().out
     got = json.loads((run / "eval_results.json").read_text())
     assert "perplexity" in printed and "top1_agreement" in printed
+    if packing:  # amad plot reads the run back (Teacher from the config, Student from the run directory)
+        assert main(["plot", str(run), "--samples", "2", "--heads-samples", "0"]) == 0
+        assert (run / "plots" / "pair0_similarity.png").is_file()
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_run / "teacher")
     teacher = AutoModelForCausalLM.from_pretrained(tiny_run / "teacher").eval()
