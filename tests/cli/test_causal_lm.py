@@ -222,6 +222,12 @@ def test_blank_training_text_is_an_error(tiny_run: Path, capsys) -> None:
     assert re.search(r"data.text_column: .*train.txt has no non-blank text in column 'text'", capsys.readouterr().err)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="amad tune needs the tune extra (optuna)")
+def test_tune_refuses_causal_lm_clearly(tiny_run: Path, capsys) -> None:
+    assert main(["tune", str(write_config(tiny_run)), "--out", str(tiny_run / "tune")]) == 2
+    assert "amad tune does not support causal-lm yet" in capsys.readouterr().err
+
+
 def test_a_model_from_an_installed_package_and_a_gguf_file(tiny_run: Path, monkeypatch) -> None:
     package = tiny_run / "site" / "fake_model_pkg"
     package.mkdir(parents=True)
