@@ -74,13 +74,16 @@ def token_mask(batch: dict, length: int) -> Tensor | None:
     return None
 
 
-def default_output_loss(temperature: float) -> OutputLoss:
-    """Logit KD (docs/method.md): classification (B, C) or per-token (B, L, V) with padding ignored."""
+def default_output_loss(temperature: float, top_k: int | None = None) -> OutputLoss:
+    """Logit KD (docs/method.md): classification (B, C) or per-token (B, L, V) with padding ignored.
+
+    ``top_k``: KD on the Teacher's ``top_k`` largest logits per position, renormalised (``logit_kd``).
+    """
 
     def kd(student_outputs: Any, teacher_outputs: Any, batch: dict) -> Tensor:
         s, t = _model_logits(student_outputs), _model_logits(teacher_outputs)
         mask = token_mask(batch, s.shape[1]) if s.dim() == 3 else None
-        return logit_kd(s, t, temperature=temperature, mask=mask)
+        return logit_kd(s, t, temperature=temperature, mask=mask, top_k=top_k)
 
     return kd
 
@@ -116,6 +119,7 @@ class Distiller(nn.Module):
         layers: str | Sequence[tuple[str, str]] = "last",
         alpha: float | str | Sequence[float] = "auto",
         kd_temperature: float = 1.0,
+        kd_top_k: int | None = None,
         gt_weight: float = 0.0,
         streaming: bool = True,
         kd_weight: float = 1.0,
@@ -135,6 +139,7 @@ class Distiller(nn.Module):
             alpha=alpha if isinstance(alpha, (str, int, float)) else [float(a) for a in alpha],
             alpha_batches=alpha_batches,
             kd_temperature=kd_temperature,
+            kd_top_k=kd_top_k,
             kd_weight=kd_weight,
             gt_weight=gt_weight,
             streaming=streaming,
@@ -151,7 +156,7 @@ class Distiller(nn.Module):
         self.block_size = block_size
         self.alpha_batches = int(alpha_batches)
         self.alpha_ratio = float(alpha_ratio)
-        self.output_loss = output_loss or default_output_loss(self.kd_temperature)
+        self.output_loss = output_loss or default_output_loss(self.kd_temperature, kd_top_k)
         self.attention_loss_name = attention_loss
 
         if attention_loss is None:

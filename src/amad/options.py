@@ -38,6 +38,7 @@ class DistillOptions:
     alpha_batches: int = 8
     alpha_ratio: float = 1.0
     kd_temperature: float = 1.0
+    kd_top_k: int | None = None
     kd_weight: float = 1.0
     gt_weight: float = 0.0
     streaming: bool = True
@@ -48,6 +49,8 @@ class DistillOptions:
         self._check_alpha()
         for name, rule, ok in (
             ("kd_temperature", "> 0", _number(self.kd_temperature) and self.kd_temperature > 0),
+            ("kd_top_k", "None or an integer >= 1 (Teacher logits kept per position)",
+             self.kd_top_k is None or (type(self.kd_top_k) is int and self.kd_top_k >= 1)),
             ("kd_weight", ">= 0", _number(self.kd_weight) and self.kd_weight >= 0),
             ("gt_weight", ">= 0", _number(self.gt_weight) and self.gt_weight >= 0),
             ("alpha_batches", ">= 1", isinstance(self.alpha_batches, int) and self.alpha_batches >= 1),

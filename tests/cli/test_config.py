@@ -151,6 +151,8 @@ def test_training_values_are_type_checked(tmp_path: Path) -> None:
         ("distill.alpha=fast", r"distill.alpha: expected one of 'auto', 'loss-ratio', 'paper', a number or a list of numbers, got 'fast'"),
         ("distill.alpha=-1", r"distill.alpha: weights must be finite numbers >= 0"),
         ("distill.kd_temperature=0", r"distill.kd_temperature: must be > 0, got 0.0"),
+        ("distill.kd_top_k=2.5", r"distill.kd_top_k: expected an integer"),
+        ("distill.kd_top_k=0", r"distill.kd_top_k: must be None or an integer >= 1"),
         ("distill.layers=first", r"distill.layers: 'first' is not 'last', 'uniform'"),
         ("distill.layers=[[a, b, c]]", r"distill.layers\[0\]: expected \[teacher_module, student_module\]"),
         ("distill.layers=[]", r"distill.layers: the list of layer pairs is empty"),

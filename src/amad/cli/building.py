@@ -15,6 +15,7 @@ from typing import Any, Callable
 from .config import ModelSpec, RunConfig
 from .data import named_labels
 from .plugins import register_model_types
+from .sources import pretrained_kwargs
 from .typed import ConfigError, suggest
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ __all__ = [
     "model_class",
     "load_model",
     "load_tokenizer",
+    "run_tokenizer",
     "load_image_processor",
 ]
 
@@ -36,7 +38,10 @@ AUTO_CLASSES = {
     "image-classification": ("AutoModelForImageClassification",),
     "visual-question-answering": ("AutoModelForVisualQuestionAnswering",),
     "seq2seq": ("AutoModelForSeq2SeqLM", "AutoModelForImageTextToText"),
+    "causal-lm": ("AutoModelForCausalLM",),
 }
+#: Tasks whose models predict tokens: no class labels.
+GENERATIVE = ("seq2seq", "causal-lm")
 #: Suffixes of saved ``architectures`` that say which task a checkpoint's head was trained for.
 HEAD_SUFFIXES = {
     "ForSequenceClassification": "sequence-classification",
@@ -46,7 +51,8 @@ HEAD_SUFFIXES = {
     "ForConditionalGeneration": "seq2seq",
     "EncoderDecoderModel": "seq2seq",
     "ForMaskedLM": "masked language modelling",
-    "ForCausalLM": "causal language modelling",
+    "ForCausalLM": "causal-lm",
+    "LMHeadModel": "causal-lm",
     "ForTokenClassification": "token classification",
     "ForMultipleChoice": "multiple choice",
 }
@@ -85,7 +91,7 @@ def model_config(spec: ModelSpec, key: str, base: Any = None) -> Any:
     register_model_types()
     if spec.path is not None:
         try:
-            return AutoConfig.from_pretrained(spec.path)
+            return AutoConfig.from_pretrained(spec.path, **pretrained_kwargs(spec))
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"{key}.path: cannot read the model config in {spec.path!r}: {exc}") from None
     kwargs = dict(spec.config or {})
@@ -116,13 +122,13 @@ def model_configs(cfg: RunConfig, label_names: Callable[[Any], list[str] | None]
     the classes of a trained Teacher saved with unnamed (``LABEL_i``) ones.
     """
     teacher = model_config(cfg.teacher, "teacher")
-    names = label_names(teacher) if label_names is not None and cfg.task != "seq2seq" else None
+    names = label_names(teacher) if label_names is not None and cfg.task not in GENERATIVE else None
     if names and (_labels_open(cfg.teacher, teacher, cfg.task) or named_labels(teacher) is None):
         if not _labels_open(cfg.teacher, teacher, cfg.task) and len(names) != teacher.num_labels:
             raise ConfigError(f"data.labels: {len(names)} names for the Teacher's {teacher.num_labels} classes")
         _set_labels(teacher, names)
     student = model_config(cfg.student, "student", base=teacher)
-    if cfg.task != "seq2seq" and _labels_open(cfg.student, student, cfg.task):
+    if cfg.task not in GENERATIVE and _labels_open(cfg.student, student, cfg.task):
         _set_labels(student, [teacher.id2label[i] for i in range(teacher.num_labels)])
     check_model_pair(cfg, teacher, student)
     return teacher, student
@@ -186,7 +192,7 @@ def check_model_pair(cfg: RunConfig, teacher: Any, student: Any) -> None:
                 f"teacher and student cannot be matched: {name} is {t_sizes[name]} in the teacher but "
                 f"{s_sizes[name]} in the student (they must share {why})"
             )
-    if cfg.task != "seq2seq" and teacher.num_labels != student.num_labels:
+    if cfg.task not in GENERATIVE and teacher.num_labels != student.num_labels:
         raise ConfigError(
             f"teacher and student cannot be matched: the teacher has {teacher.num_labels} labels, "
             f"the student {student.num_labels} (set student.config.num_labels or use the same label set)"
@@ -222,19 +228,46 @@ def model_class(task: str, spec: ModelSpec, config: Any, key: str) -> Any:
 def load_model(task: str, spec: ModelSpec, config: Any, key: str, path: str | None = None) -> Any:
     """Weights from ``path`` (default ``spec.path``) with ``config``, or a fresh model from ``config``."""
     cls = model_class(task, spec, config, key)
+    kwargs = pretrained_kwargs(spec) if path is None else {}  # a saved checkpoint is no GGUF file
     path = path or spec.path
-    if path is not None:
-        return cls.from_pretrained(path, config=config)
-    return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    if path is None:
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    model = cls.from_pretrained(path, config=config, **kwargs)
+    if kwargs and key == "student":
+        model = _trainable_copy(cls, model, config, key)
+    return model
 
 
-def load_tokenizer(path: str) -> Any:
+def _trainable_copy(cls: Any, model: Any, config: Any, key: str) -> Any:
+    """A model read from a GGUF file stays marked quantized (not trainable, not savable): copy its weights out."""
+    plain = cls.from_config(config)
+    try:
+        plain.load_state_dict(model.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"{key}.gguf_file: its weights were loaded in a packed (quantized) form that cannot be trained; "
+            f"{' '.join(str(exc).split())[:200]}"
+        ) from None
+    return plain
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"tokenizer: cannot load a tokenizer from {path!r}: {exc}") from None
+        where = f"{gguf_file!r} in {path!r}" if gguf_file else repr(path)
+        raise ConfigError(f"tokenizer: cannot load a tokenizer from {where}: {exc}") from None
+
+
+def run_tokenizer(cfg: RunConfig) -> Any:
+    """The ``tokenizer:`` directory's tokenizer, else the one in the Teacher's GGUF file, else None."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.teacher.gguf_file:
+        return load_tokenizer(str(cfg.teacher.path), cfg.teacher.gguf_file)
+    return None
 
 
 def load_image_processor(path: str) -> Any:

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import yaml
 
-from .building import check_model_pair, check_processors, load_image_processor, load_model, load_tokenizer, model_configs
+from .building import check_model_pair, check_processors, load_image_processor, load_model, model_configs, run_tokenizer
+from .causal_lm import CausalLMCollator, causal_lm_rows
 from .config import ModelSpec, RunConfig, check_distill, config_to_dict, load_config, training_arguments
 from .data import TaskCollator, check_labels, expand_references, label_names, load_splits
 from .run_dir import check_run_dir, remove_previous_run, resume_hint
@@ -58,11 +59,17 @@ def prepare(cfg: RunConfig, *, need_eval: bool = False) -> Prepared:
     check_labels(train, cfg, teacher_config, cfg.data.train)
     if evaluation is not None:
         check_labels(evaluation, cfg, teacher_config, cfg.data.eval or cfg.data.train)
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tokenizer = run_tokenizer(cfg)
     image_processor = load_image_processor(cfg.image_processor) if cfg.image_processor else None
     check_processors(tokenizer, image_processor, teacher_config)
     if cfg.task == "seq2seq":
         train = expand_references(train, cfg.data)
+    if cfg.task == "causal-lm":
+        train = causal_lm_rows(train, cfg.data, tokenizer, cfg.data.train)
+        if evaluation is not None:
+            evaluation = causal_lm_rows(evaluation, cfg.data, tokenizer, cfg.data.eval or cfg.data.train)
+        collator = CausalLMCollator(tokenizer)
+        return Prepared(cfg, train, evaluation, teacher_config, student_config, tokenizer, image_processor, collator)
     collator = TaskCollator(
         cfg.task, cfg.data, tokenizer=tokenizer, image_processor=image_processor, config=teacher_config
     )
@@ -187,6 +194,7 @@ def _student_from(run: Prepared, checkpoint: str, key: str) -> Any:
 
 
 def evaluate(args: Any, cfg: RunConfig) -> int:
+    from .causal_lm import evaluate_causal_lm
     from .evaluation import evaluate_model, format_table
 
     run = prepare(cfg, need_eval=True)
@@ -194,14 +202,19 @@ def evaluate(args: Any, cfg: RunConfig) -> int:
     teacher = load_model(cfg.task, cfg.teacher, run.teacher_config, "teacher")
     options = {"batch_size": cfg.evaluation.batch_size, "max_new_tokens": cfg.evaluation.max_new_tokens,
                "num_beams": cfg.evaluation.num_beams, "device": _device(args.device)}
-    results = {}
-    for name, model in (("teacher", teacher), ("student", student)):
-        results[name] = evaluate_model(model, run.eval, run.collator, progress=f"evaluating the {name}", **options)
+    results, extra = {}, {}
+    if cfg.task == "causal-lm":  # both models at once: the Student's metrics compare it with the Teacher
+        results, extra["num_tokens"] = evaluate_causal_lm(
+            teacher, student, run.eval, run.collator, batch_size=options["batch_size"], device=options["device"],
+            progress="evaluating the teacher and the student")
+    else:
+        for name, model in (("teacher", teacher), ("student", student)):
+            results[name] = evaluate_model(model, run.eval, run.collator, progress=f"evaluating the {name}", **options)
     print(format_table(results))
     output = Path(args.output) if args.output else Path(args.checkpoint) / EVAL_RESULTS
     output.parent.mkdir(parents=True, exist_ok=True)
     _write_json(output, {"task": cfg.task, "checkpoint": str(Path(args.checkpoint).resolve()),
-                         "num_examples": len(run.eval), "metrics": results})
+                         "num_examples": len(run.eval), **extra, "metrics": results})
     logger.info("wrote %s", output)
     return 0
 

@@ -34,7 +34,7 @@ __all__ = [
     "expand_references",
 ]
 
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
 
 
 def read_table(path: str, fmt: str, split: str, key: str) -> Any:
@@ -94,6 +94,8 @@ def task_columns(task: str, spec: DataSpec, columns: Sequence[str]) -> dict[str,
         return out
     if task == "image-classification":
         return {"image_column": spec.image_column or "", "label_column": spec.label_column}
+    if task == "causal-lm":
+        return {"text_column": spec.text_column}
     if task == "visual-question-answering":
         return {
             "image_column": spec.image_column or "",

@@ -25,6 +25,7 @@ METRICS = {
     "image-classification": ("accuracy",),
     "visual-question-answering": ("vqa_accuracy",),
     "seq2seq": ("bleu", "cider"),
+    "causal-lm": ("perplexity", "next_token_accuracy", "kl_teacher_student", "top1_agreement"),  # causal_lm.py
 }
 
 

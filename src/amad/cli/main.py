@@ -44,7 +44,9 @@ complete ones; after Ctrl-C the message says how to resume.
 EVALUATE_HELP = """\
 Score the Teacher (from the config) and a distilled Student (--checkpoint) on
 the config's evaluation data, side by side: accuracy for classification, VQA
-accuracy for visual question answering, BLEU and CIDEr for seq2seq (all 0-100).
+accuracy for visual question answering, BLEU and CIDEr for seq2seq (all 0-100);
+perplexity, next-token accuracy, KL(Teacher || Student) per token and top-1
+agreement for causal-lm.
 Prints a table and writes JSON (default CHECKPOINT/eval_results.json).
 
 examples:

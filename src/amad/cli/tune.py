@@ -80,6 +80,8 @@ def _has_temperature(name: str, options: dict) -> bool:
 
 def make_search(cfg: RunConfig, config_path: str, out: Path) -> Search:
     """The losses (checked as the Distiller builds them), the metric and the number of trials."""
+    if cfg.task == "causal-lm":  # its validation scores the Student alone; causal-lm's metrics need the Teacher too
+        raise ConfigError("task: amad tune does not support causal-lm yet; run amad distill and amad evaluate per setting")
     opts = cfg.tune
     losses = list(opts.losses or [cfg.distill.attention_loss])
     if None in losses:
