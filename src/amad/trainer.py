@@ -47,6 +47,7 @@ from transformers.utils import find_labels
 
 from .distiller import Distiller
 from .distributed import full_state_dict, fsdp_options, is_sharded, shard_for_fsdp, unwrapped_class
+from .losses import NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,10 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        outputs = model(**inputs)
+        try:
+            outputs = model(**inputs)
+        except NonFiniteError as exc:
+            raise _not_finite(exc, self.state, self.args, model.training) from exc
         if model.training:
             steps = getattr(self, "current_gradient_accumulation_steps", 1)
             self._train_terms.add(outputs.losses, weight=1.0 / steps)
@@ -274,7 +278,10 @@ class DistillationTrainer(Trainer):
             labels = nested_detach(tuple(inputs[name] for name in self.label_names))
             labels = labels[0] if len(labels) == 1 else labels
         with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs)
+            try:
+                outputs = model(**inputs)
+            except NonFiniteError as exc:
+                raise _not_finite(exc, self.state, self.args, training=False) from exc
         loss = outputs.loss.detach().mean()
         batch_size = _batch_size(inputs)
         self._eval_terms.add(outputs.losses, weight=float(batch_size))
@@ -351,6 +358,20 @@ def _shard_if_requested(distiller: Distiller, args: Any) -> None:
         # The Trainer's flag for a model that owns its placement and gradient reduction (FSDP2 applied before
         # the Trainer): it is neither wrapped in DDP nor prepared by accelerate's FSDP.
         distiller.is_distributed_loading_by_transformers = True
+
+
+def _not_finite(exc: NonFiniteError, state: Any, args: Any, training: bool) -> NonFiniteError:
+    """``exc`` with the step it happened at and what to do: a Student that diverged needs a lower learning rate."""
+    step = state.global_step + 1 if training else state.global_step
+    where = f"at {'training' if training else 'the evaluation after'} step {step} (epoch {state.epoch or 0:.2f})"
+    if exc.model == "teacher":
+        hint = "the Teacher's outputs are not finite: check its weights (load it in float32 if it was saved in float16)"
+    elif state.global_step == 0:
+        hint = "the Student's outputs are not finite before any update: check its weights and config"
+    else:
+        hint = (f"training diverged: lower the learning rate (learning_rate = {args.learning_rate:g}), e.g. 10 times, "
+                f"or keep gradient clipping on (max_grad_norm = {args.max_grad_norm:g})")
+    return NonFiniteError(f"{where}: {exc}; {hint}", exc.model)
 
 
 def _require_distiller(model: Any) -> None:
