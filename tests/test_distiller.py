@@ -314,9 +314,12 @@ def test_bad_layer_names_are_clear_errors() -> None:
         Distiller(teacher, student, layers="every")
 
 
-def test_maps_of_different_shapes_are_a_clear_error_naming_both_layers() -> None:
+def test_maps_of_different_shapes_are_a_clear_error_naming_both_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     teacher, student = vit(2, 4, patch_size=4), vit(2, 2, patch_size=2)  # 1 + 4 vs 1 + 16 tokens
+    with pytest.raises(ValueError, match="patch_size is 4 in the teacher but 2 in the student"):
+        Distiller(teacher, student)  # the configs already say it
+    monkeypatch.setattr(distiller_module, "_checked_pair", lambda t, s: None)  # models whose configs do not say it
     distiller = Distiller(teacher, student)
     pattern = (r"Teacher layer 'vit.layers.1.attention' vs Student layer 'vit.layers.1.attention'.*"
                r"\(2, 4, 5, 5\).*\(2, 2, 17, 17\)")

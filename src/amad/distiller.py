@@ -28,6 +28,7 @@ from . import losses as loss_lib
 from . import weighting
 from .attention import AttentionInputs
 from .capture import AttentionRecorder, check_layer_shapes, resolve_layer_pairs
+from .compat import check_pair
 from .losses.logits import logit_kd
 from .options import DistillOptions
 
@@ -102,12 +103,26 @@ def query_mask_for(inputs: AttentionInputs, batch: dict) -> Tensor | None:
     return token_mask(batch, inputs.q_len)
 
 
+def _checked_pair(teacher: nn.Module, student: nn.Module) -> list[int] | None:
+    """Refuse a pair of Hugging Face models that cannot be matched; the Teacher's label index per Student label."""
+    t_config, s_config = getattr(teacher, "config", None), getattr(student, "config", None)
+    if not (hasattr(t_config, "to_dict") and hasattr(s_config, "to_dict")):
+        return None
+    return check_pair(t_config, s_config, teacher_class=type(teacher).__name__, student_class=type(student).__name__)
+
+
 class Distiller(nn.Module):
     """Frozen Teacher + trainable Student + the distillation objective.
 
     Only the Student and learnable parts of the losses are submodules: the
     Teacher is never in ``parameters()``, ``state_dict()`` or an optimizer, and
     stays in eval mode with gradients off.
+
+    Models with Hugging Face configs are checked to form a pair
+    (:func:`amad.compat.check_pair`); classifiers whose ``id2label`` name the
+    same labels in another order are matched by name: the Teacher's logits are
+    put in the Student's label order before any output loss sees them (labels
+    in the batch are the Student's).
     """
 
     def __init__(
@@ -132,6 +147,7 @@ class Distiller(nn.Module):
         super().__init__()
         if teacher is student:
             raise ValueError("teacher and student must be different modules")
+        self.teacher_label_order = _checked_pair(teacher, student)
         self.options = options = DistillOptions(
             attention_loss=attention_loss,
             attention_loss_options=dict(attention_loss_options or {}),
@@ -159,6 +175,7 @@ class Distiller(nn.Module):
         self.output_loss = output_loss or default_output_loss(self.kd_temperature, kd_top_k)
         self.attention_loss_name = attention_loss
 
+        options.check_attention_loss()
         if attention_loss is None:
             self.layer_pairs: list[tuple[str, str]] = []
         else:
@@ -343,6 +360,9 @@ class Distiller(nn.Module):
             # order of image patches) then agrees when nothing random runs before it (no dropout).
             with torch.no_grad(), torch.random.fork_rng(devices=self._cuda_devices()):
                 teacher_outputs = self.teacher(**batch)
+                if self.teacher_label_order is not None and getattr(teacher_outputs, "logits", None) is not None:
+                    # the Teacher's logits in the Student's label order
+                    teacher_outputs["logits"] = teacher_outputs["logits"][..., self.teacher_label_order]
             s_rec = stack.enter_context(AttentionRecorder(self.student, s_names)) if s_names else None
             student_outputs = self.student(**batch)
             raw_terms = self._attention_terms(t_rec, s_rec, batch) if self.layer_pairs else []

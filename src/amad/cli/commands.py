@@ -17,7 +17,10 @@ from typing import Any
 import torch
 import yaml
 
-from .building import check_model_pair, check_processors, load_image_processor, load_model, model_configs, run_tokenizer
+from .building import (
+    check_model_pair, check_processors, load_image_processor, load_model, load_tokenizer, model_config, model_configs,
+    run_tokenizer,
+)
 from .causal_lm import CausalLMCollator, causal_lm_rows
 from .config import ModelSpec, RunConfig, check_distill, config_to_dict, load_config, training_arguments
 from .data import TaskCollator, check_labels, expand_references, label_names, load_splits
@@ -71,7 +74,8 @@ def prepare(cfg: RunConfig, *, need_eval: bool = False) -> Prepared:
         collator = CausalLMCollator(tokenizer)
         return Prepared(cfg, train, evaluation, teacher_config, student_config, tokenizer, image_processor, collator)
     collator = TaskCollator(
-        cfg.task, cfg.data, tokenizer=tokenizer, image_processor=image_processor, config=teacher_config
+        cfg.task, cfg.data, tokenizer=tokenizer, image_processor=image_processor, config=teacher_config,
+        output_config=student_config,  # labels in the Student's order (matched by name to the Teacher's)
     )
     return Prepared(cfg, train, evaluation, teacher_config, student_config, tokenizer, image_processor, collator)
 
@@ -183,12 +187,10 @@ def distill(args: Any, cfg: RunConfig) -> int:
 
 # -- evaluate -----------------------------------------------------------------------------------
 def _student_from(run: Prepared, checkpoint: str, key: str) -> Any:
-    from transformers import AutoConfig
-
     path = Path(checkpoint)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{key}: no config.json in {checkpoint!r} (expected a Student saved by amad distill)")
-    config = AutoConfig.from_pretrained(str(path))
+    config = model_config(ModelSpec(path=str(path)), key)
     check_model_pair(run.cfg, run.teacher_config, config)
     return load_model(run.cfg.task, run.cfg.student, config, "student", path=str(path))
 
@@ -246,12 +248,9 @@ def _teacher_by_student(alignment: torch.Tensor, variant: str) -> torch.Tensor:
 
 
 def plot(args: Any) -> int:
-    from transformers import AutoConfig
-
-    from .building import model_config
     from ..capture import resolve_layer_pairs
     from ..losses import alignment_matrix, head_similarity
-    from .plotting import head_maps_figure, save_figure, similarity_figure
+    from .plotting import axis_tokens, head_maps_figure, save_figure, similarity_figure
 
     run_dir = Path(args.run_dir)
     for name in ("config.yaml", PLOT_INPUTS, "config.json"):
@@ -263,10 +262,12 @@ def plot(args: Any) -> int:
     payload = torch.load(run_dir / PLOT_INPUTS, weights_only=True)
     device = _device(args.device)
     teacher = load_model(cfg.task, cfg.teacher, model_config(cfg.teacher, "teacher"), "teacher").to(device).eval()
-    student_config = AutoConfig.from_pretrained(str(run_dir))
+    student_config = model_config(ModelSpec(path=str(run_dir)), "run_dir")
     student = load_model(cfg.task, cfg.student, student_config, "student", path=str(run_dir)).to(device).eval()
     pairs = [tuple(p) for p in payload["layer_pairs"]] or resolve_layer_pairs(teacher, student, "last")
     samples = payload["samples"][: args.samples]
+    has_tokenizer = (run_dir / "tokenizer_config.json").is_file()  # distill saved it; tokens on the maps' axes
+    tokenizer = load_tokenizer(str(run_dir) if has_tokenizer else cfg.tokenizer) if cfg.tokenizer else None
     out_dir = Path(args.out) if args.out else run_dir / "plots"
     written, matrices = [], {}
     t_names, s_names = [t for t, _ in pairs], [s for _, s in pairs]
@@ -284,7 +285,9 @@ def plot(args: Any) -> int:
         written.append(save_figure(fig, out_dir / f"pair{index}_similarity.png"))
         matrices[f"{t_name}->{s_name}"] = {"similarity": mean_w.tolist(), "alignment": mean_a.tolist()}
         for j, (t, s) in enumerate(per_sample[: args.heads_samples]):
-            fig = head_maps_figure(t[t_name][0], s[s_name][0], title=f"input {j}: {t_name} / {s_name}")
+            tokens = axis_tokens(samples[j], tokenizer, t_name, *t[t_name].shape[-2:])
+            fig = head_maps_figure(t[t_name][0], s[s_name][0], title=f"input {j}: {t_name} / {s_name}",
+                                   query_tokens=tokens[0], key_tokens=tokens[1])
             written.append(save_figure(fig, out_dir / f"pair{index}_heads_input{j}.png"))
     _write_json(out_dir / "similarity.json", matrices)
     for path in written:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..attention import AttentionInputs, check_map_shapes
-from ._common import HALF_DTYPES, apply_mask, kl_elements, reduce_per_sample, rownorm1
+from ._common import HALF_DTYPES, NonFiniteError, apply_mask, kl_elements, reduce_per_sample, rownorm1
 
 #: Largest number of map entries (``B * H * rows * k``) one block may hold when
 #: ``block_size`` is None (16 MiB in float32). Measured (benchmarks/README.md):
@@ -77,13 +77,15 @@ def check_finite_inputs(inputs: AttentionInputs, label: str, name: str) -> None:
     for part in ("query", "key", "bias"):
         tensor = getattr(inputs, part)
         if tensor is not None and not torch.isfinite(tensor.detach()).all():
-            raise ValueError(f"{name}: {label} {part} {tuple(tensor.shape)} contains NaN or infinite values")
+            raise NonFiniteError(
+                f"{name}: {label} {part} {tuple(tensor.shape)} contains NaN or infinite values", label.lower()
+            )
 
 
 def _check_finite_sums(totals: Sequence[Tensor], plan: "BlockPlan") -> None:
     """The summed statistics are finite unless some block's probabilities were not (overflowing logits)."""
     if not all(bool(torch.isfinite(t).all()) for t in totals):
-        raise ValueError(
+        raise NonFiniteError(
             f"streaming loss: the Teacher maps {plan.teacher.map_shape} or Student maps {plan.student.map_shape} "
             "contain NaN or infinite values (the attention logits overflow?)"
         )

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_temperature
+from ._common import NonFiniteError, check_temperature
 
 __all__ = ["logit_kd"]
 
@@ -53,7 +53,7 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
         raise ValueError(f"logit_kd: logits are empty: shape {tuple(student_logits.shape)}")
     for label, z in (("student", student_logits), ("teacher", teacher_logits)):
         if not torch.isfinite(z.detach()).all():
-            raise ValueError(f"logit_kd: {label} logits {tuple(z.shape)} contain NaN or infinite values")
+            raise NonFiniteError(f"logit_kd: {label} logits {tuple(z.shape)} contain NaN or infinite values", label)
 
 
 def _valid_positions(logits: Tensor, labels: Tensor | None, mask: Tensor | None, ignore_index: int) -> Tensor | None:
