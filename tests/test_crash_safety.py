@@ -139,9 +139,27 @@ def write_checkpoint(folder: Path, step: int, leave_out: tuple[str, ...] = ()) -
     path.mkdir(parents=True)
     names = ["trainer_state.json", "model.safetensors", DISTILLER_STATE_NAME, "optimizer.pt", "scheduler.pt"]
     for name in names:
-        if name not in leave_out:
+        if name in leave_out:
+            continue
+        if name.endswith(".safetensors"):
+            safetensors.torch.save_file({"w": torch.zeros(4)}, str(path / name))
+        else:
             (path / name).write_text(json.dumps({"global_step": step}) if name == "trainer_state.json" else "x")
     return path
+
+
+def test_damaged_checkpoint_files_are_named_and_skipped(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path, 2)
+    damaged = write_checkpoint(tmp_path, 4)
+    (damaged / "trainer_state.json").write_text('{"global_st')  # truncated by a disk fault after it was written
+    weights = (damaged / DISTILLER_STATE_NAME).read_bytes()
+    (damaged / DISTILLER_STATE_NAME).write_bytes(weights[: len(weights) // 2])
+    found = latest_complete_checkpoint(str(tmp_path), (DISTILLER_STATE_NAME,))
+    assert found.step == 2
+    (path, problems), = found.skipped
+    assert path == str(damaged) and len(problems) == 2
+    assert problems[0].startswith(f"a readable {DISTILLER_STATE_NAME} (SafetensorError")
+    assert problems[1].startswith("a readable trainer_state.json (JSONDecodeError")
 
 
 def test_incomplete_checkpoints_are_skipped(tmp_path: Path, caplog) -> None:

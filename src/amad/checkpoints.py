@@ -94,7 +94,26 @@ def missing_files(checkpoint: str, extra_files: tuple[str, ...] = (), need_optim
             missing.append(f"a readable {index} ({exc})")
             continue
         missing += [s for s in shards if not os.path.isfile(os.path.join(checkpoint, s))]
-    return missing
+    return missing + unreadable_files(checkpoint)
+
+
+def unreadable_files(checkpoint: str) -> list[str]:
+    """Files of ``checkpoint`` whose JSON or safetensors header cannot be read (damaged after it was written)."""
+    import safetensors
+
+    problems = []
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        try:
+            if name.endswith(".json"):
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            elif name.endswith(".safetensors"):
+                with safetensors.safe_open(path, framework="pt") as f:
+                    f.keys()
+        except Exception as exc:  # whatever the reader raises for a damaged file
+            problems.append(f"a readable {name} ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
+    return problems
 
 
 def latest_complete_checkpoint(folder: str, extra_files: tuple[str, ...] = (), need_optimizer: bool = True) -> Found:
