@@ -41,7 +41,11 @@ RUN_OUTPUTS = (
 
 
 def check_writable(directory: Path, key: str) -> None:
-    """Create ``directory`` and write, then remove, a probe file in it; a :class:`ConfigError` if that fails."""
+    """Write, then remove, a probe file in ``directory``; a :class:`ConfigError` if that fails.
+
+    Folders it had to create for the probe are removed again: a run that stops on a later check leaves nothing.
+    """
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
     probe = directory / f".amad-write-probe-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -51,6 +55,10 @@ def check_writable(directory: Path, key: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"{key}: cannot write to {str(directory)!r}: {exc.strerror or exc}") from None
+    finally:
+        for folder in created:  # innermost first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def previous_run(run_dir: Path, checkpoint_dir: Path) -> list[str]:

@@ -134,6 +134,7 @@ def split_data(search: Search) -> tuple[Any, Any, str]:
     cfg = copy.deepcopy(search.cfg)
     opts = search.options
     cfg.data.eval = opts.validation  # never data.eval: that is the test split
+    cfg.training = {**cfg.training, "eval_strategy": "no"}  # reading the data only: no evaluation split needed yet
     if opts.validation is not None:
         train, validation = load_splits(cfg, need_eval=True)
         return train, validation, f"the validation file {opts.validation}"
