@@ -246,7 +246,7 @@ def streaming_shd(
         _teacher_values(teacher, work)  # the same error as the map form when values are missing
     heads = min(teacher.num_heads, student.num_heads)
     stats = _shd_stats(temperature, heads, coeffs)
-    (per_sample,) = blockwise_sum(teacher, student, stats, block_size=block, dtype=work)
+    (per_sample,) = blockwise_sum(teacher, student, stats, block_size=block, dtype=work, name="streaming shd")
     return reduce_streaming(per_sample, heads, teacher, student, block, reduction, out_dtype)
 
 
