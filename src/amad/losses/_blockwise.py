@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..attention import AttentionInputs, check_map_shapes
-from ._common import HALF_DTYPES, apply_mask, kl_elements, reduce_per_sample, rownorm1
+from ._common import HALF_DTYPES, NonFiniteError, apply_mask, kl_elements, reduce_per_sample, rownorm1
 
 #: Largest number of map entries (``B * H * rows * k``) one block may hold when
 #: ``block_size`` is None (16 MiB in float32). Measured (benchmarks/README.md):
@@ -77,7 +77,9 @@ def check_finite_inputs(inputs: AttentionInputs, label: str, name: str) -> None:
     for part in ("query", "key", "bias"):
         tensor = getattr(inputs, part)
         if tensor is not None and not torch.isfinite(tensor.detach()).all():
-            raise ValueError(f"{name}: {label} {part} {tuple(tensor.shape)} contains NaN or infinite values")
+            raise NonFiniteError(
+                f"{name}: {label} {part} {tuple(tensor.shape)} contains NaN or infinite values", label.lower()
+            )
 
 
 def _check_finite_sums(totals: Sequence[Tensor], plan: "BlockPlan") -> None:
@@ -90,7 +92,7 @@ def _check_finite_sums(totals: Sequence[Tensor], plan: "BlockPlan") -> None:
         return
     check_finite_inputs(plan.teacher, "Teacher", plan.name)
     check_finite_inputs(plan.student, "Student", plan.name)
-    raise ValueError(
+    raise NonFiniteError(
         f"{plan.name}: the Teacher maps {plan.teacher.map_shape} or Student maps {plan.student.map_shape} "
         "contain NaN or infinite values (the attention logits overflow?)"
     )

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..attention import AttentionInputs
 from . import _gram
+from ._triton_amad import fused_per_sample, use_fused
 from ._blockwise import StatsFn, blockwise_sum, flat, masked_sum, outer, prepare_streaming, reduce_streaming, safe_sqrt
 from ._common import (
     HALF_DTYPES,
@@ -269,19 +270,25 @@ def streaming_amad(
     alignment: str | None = None,
     temperature: float = 1.0,
     eps: float = 1e-7,
+    kernel: str = "auto",
 ) -> Tensor:
     """Streaming :func:`amad.losses.amad` on recorded inputs; same value and gradients.
 
     ``block_size``: query rows per block (None: as many as fit ``2**22`` map
     entries per block). Variant 3 (``ProjectedAMAD``) has no streaming form: its
-    ``n x n`` projection is itself larger than a map.
+    ``n x n`` projection is itself larger than a map. ``kernel``: ``"auto"`` uses the
+    fused Triton kernels (``_triton_amad``) for supported CUDA inputs (never on CPU),
+    ``"triton"`` requires them, ``"torch"`` never uses them.
     """
     name = f"streaming amad({variant})"
     alignment = check_options(variant, reduction=reduction, alignment=alignment, temperature=temperature, eps=eps,
                               name=name)
     block, work, out_dtype = prepare_streaming(teacher, student, block_size, name)
     heads = student.num_heads if variant == "s2t" else teacher.num_heads
-    if variant in ("mse", "s2t"):
+    if use_fused(kernel, teacher, student, variant, name):
+        per_sample = fused_per_sample(teacher, student, variant=variant, alignment=alignment,
+                                      temperature=temperature, eps=eps)
+    elif variant in ("mse", "s2t"):
         grams, grad = (_gram.mse_grams, _gram.mse_student_grad) if variant == "mse" else (_gram.s2t_grams, _gram.s2t_student_grad)
         g_xy, g_yy, x_sq = blockwise_sum(teacher, student, grams, block_size=block, dtype=work, student_grad_fn=grad,
                                          name=name)
