@@ -452,3 +452,54 @@ def test_projected_amad_with_the_wrong_n_is_a_clear_error() -> None:
     distiller = Distiller(teacher, student, attention_loss="amad-projected", attention_loss_options={"n": 50})
     with pytest.raises(ValueError, match=r"built for n = q\*k = 50.*q=7, k=7"):
         distiller(**text_classification_batch())
+
+
+def amad_host_reads(step: Any) -> int:
+    """How often ``step()`` reads a tensor's value on the host from amad's code (each a GPU synchronisation)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = 0
+
+    def from_amad() -> bool:  # the innermost caller outside torch is amad (not Transformers, not this test)
+        callers = [f.filename for f in traceback.extract_stack() if "/torch/" not in f.filename]
+        return "/amad/" in callers[-3]  # [-1], [-2]: this function and its caller in this file
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            nonlocal count
+            count += func is torch.ops.aten._local_scalar_dense.default and from_amad()
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self: Tensor) -> Any:
+        nonlocal count
+        count += from_amad()
+        return tolist(self)
+
+    torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign]
+    try:
+        with Count():
+            step()
+    finally:
+        torch.Tensor.tolist = tolist  # type: ignore[method-assign]
+    return count
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_a_training_step_reads_tensor_values_on_the_host_once_for_kd_and_twice_per_streamed_pair(padded: bool) -> None:
+    """The KD check of both logits is one read; a streaming pass reads its masks once and its finiteness once;
+    alpha's frozen flag is not read again once it was True (the first step measures alpha and reads more)."""
+    teacher, student = teacher_and_student("bert")
+    batch = text_classification_batch(padded)
+    layers = [("bert.encoder.layer.0.attention.self", "bert.encoder.layer.0.attention.self"),
+              ("bert.encoder.layer.1.attention.self", "bert.encoder.layer.1.attention.self")]
+    kd_only = Distiller(*teacher_and_student("bert"), attention_loss=None).train()
+    streaming = Distiller(teacher, student, layers=layers, streaming=True, alpha=0.5).train()
+    for distiller in (kd_only, streaming):
+        distiller(**batch).loss.backward()  # the first step checks alpha's balance
+        assert not distiller.measuring_alpha
+    assert amad_host_reads(lambda: kd_only(**batch).loss.backward()) == 1
+    assert amad_host_reads(lambda: streaming(**batch).loss.backward()) == 1 + 2 * len(layers)

@@ -278,6 +278,23 @@ def test_measured_alpha_survives_a_state_dict_round_trip_and_is_not_measured_aga
     torch.testing.assert_close(restored.alpha, distiller.alpha, rtol=0, atol=0)
 
 
+def test_loading_a_state_measured_less_far_measures_again() -> None:
+    """The Distiller remembers a finished measurement without reading its buffer again, until a state is loaded."""
+    batches = bert_batches()
+    teacher, student = teacher_and_student("bert")
+    distiller = Distiller(teacher, student, alpha_batches=2).train()
+    early = {k: v.clone() for k, v in distiller.state_dict().items()}
+    for batch in batches[:2]:
+        distiller(**batch)
+    assert distiller.alpha_frozen and not distiller.measuring_alpha
+    distiller.load_state_dict(early)
+    assert distiller.measuring_alpha and not distiller.alpha_frozen
+    distiller(**batches[2])
+    assert distiller.measuring_alpha
+    distiller(**batches[3])
+    assert distiller.alpha_frozen
+
+
 # -- (e) gradient accumulation -------------------------------------------------------------------------------------
 
 

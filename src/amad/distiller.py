@@ -103,6 +103,10 @@ def query_mask_for(inputs: AttentionInputs, batch: dict) -> Tensor | None:
     return token_mask(batch, inputs.q_len)
 
 
+def _forget_alpha_done(distiller: "Distiller", _incompatible_keys: Any) -> None:
+    distiller._alpha_done_known = False
+
+
 def _checked_pair(teacher: nn.Module, student: nn.Module) -> list[int] | None:
     """Refuse a pair of Hugging Face models that cannot be matched; the Teacher's label index per Student label."""
     t_config, s_config = getattr(teacher, "config", None), getattr(student, "config", None)
@@ -218,21 +222,31 @@ class Distiller(nn.Module):
         self.register_buffer("_alpha_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("_alpha_sums", torch.zeros(4, n, dtype=torch.float64))
         self.register_buffer("_alpha_done", torch.tensor(n == 0))
+        # True once _alpha_done was read True: later steps need no host read (a GPU synchronisation) of it.
+        # Loading a state may set it back, so loading forgets it.
+        self._alpha_done_known = False
+        self.register_load_state_dict_post_hook(_forget_alpha_done)
 
     @property
     def auto_alpha(self) -> bool:
         """Whether alpha is measured (``"auto"`` or ``"loss-ratio"``) rather than given."""
         return self.alpha_rule != "fixed"
 
+    def _alpha_is_done(self) -> bool:
+        """``bool(self._alpha_done)``, read from the buffer until it is True (then remembered)."""
+        if not self._alpha_done_known:
+            self._alpha_done_known = bool(self._alpha_done)
+        return self._alpha_done_known
+
     @property
     def alpha_frozen(self) -> bool:
         """Whether alpha has its final value (always, for given weights)."""
-        return not self.auto_alpha or bool(self._alpha_done)
+        return not self.auto_alpha or self._alpha_is_done()
 
     @property
     def measuring_alpha(self) -> bool:
         """Whether the next training batch is measured (for a measured alpha, or the check of a given one)."""
-        return not bool(self._alpha_done)
+        return not self._alpha_is_done()
 
     @property
     def alpha_batches_wanted(self) -> int:
