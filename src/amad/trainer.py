@@ -177,8 +177,9 @@ class DistillationTrainer(AtomicCheckpoints, Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 "DistillationTrainer supports single-device, DDP and its own FSDP2 (TrainingArguments(fsdp=True) or "
-                "amad.distributed.shard_for_fsdp), not DeepSpeed or an FSDP accelerate config (it would shard the "
-                "Student only): launch with torchrun or a plain multi-GPU accelerate config; see docs/distributed.md"
+                "amad.distributed.shard_for_fsdp), not DeepSpeed (its ZeRO engine would partition the Student only, "
+                "the Teacher staying whole on every rank) or an FSDP accelerate config (it would shard the Student "
+                "only): launch with torchrun or a plain multi-GPU accelerate config; see docs/distributed.md"
             )
         if is_sharded(self.distiller) and not getattr(self, "is_distributed_loading_by_transformers", False):
             raise RuntimeError(
