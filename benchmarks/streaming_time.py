@@ -20,12 +20,21 @@ to the Student's Q and K, default block size.
   --blocks N [N ...]  the library's loss with these query rows per block, interleaved; ratios to the first.
   --recorder  the Teacher's recorded attention layer alone (no_grad), with and without AttentionRecorder,
               interleaved: recording must not add a second attention computation.
+  --joint     the mirrored pass with both models' probabilities in one buffer ``U`` per block: the three
+              Gram statistics from one ``U U^T`` and ``dL/dS_b`` from one product with ``U``, against the
+              mirror as the library runs it (``--rounds`` interleaved pairs).
+  --fused-layer  what handing the loss the Student layer's own attention could save at most: that layer's
+              SDPA forward + backward, against the work a fused layer + loss pass would add to the loss
+              (``O_b = P_b V``, ``dP_b += dO_b V^T``, ``dV += P_b^T dO_b``), interleaved.
+  --step      one training step of ``kd`` and of ``streaming`` (train_step.py's models) and the loss alone,
+              interleaved: whether the step's extra time is the loss's.
 
     PYTHONPATH=src .venv/bin/python benchmarks/streaming_time.py --ab /path/to/old/src --rounds 10
     PYTHONPATH=src .venv/bin/python benchmarks/streaming_time.py --parts
     PYTHONPATH=src .venv/bin/python benchmarks/streaming_time.py --compile --rounds 6
     PYTHONPATH=src .venv/bin/python benchmarks/streaming_time.py --blocks 170 32 64 341 2048
     PYTHONPATH=src .venv/bin/python benchmarks/streaming_time.py --recorder --rounds 20
+    PYTHONPATH=src .venv/bin/python benchmarks/streaming_time.py --joint --fused-layer --step
 """
 
 from __future__ import annotations
@@ -275,6 +284,87 @@ def compiled(seq: int, rounds: int, dynamic: bool) -> None:
     report_ratio(interleaved(fns, rounds), "compiled", "eager")
 
 
+def joint_pass(t_in, s_in, block: int):
+    """The mirrored pass with one buffer ``U = [T_b; S_b]`` per block (see ``--joint``)."""
+    heads = t_in.num_heads
+
+    def probabilities(qt, kt, qs, ks, st, ss):
+        u = torch.empty(qt.shape[0], heads + qs.shape[1], qt.shape[2], kt.shape[2])
+        torch._softmax(torch.matmul(qt * st, kt.mT), -1, False, out=u[:, :heads])  # contiguous slices: batch 1
+        torch._softmax(torch.matmul(qs * ss, ks.mT), -1, False, out=u[:, heads:])
+        return u
+
+    def fwd(qt, kt, qs, ks, st, ss):
+        f = probabilities(qt, kt, qs, ks, st, ss).flatten(2)
+        g = f @ f.mT
+        return g[:, :heads, heads:], g[:, heads:, heads:], torch.diagonal(g[:, :heads, :heads], dim1=-2, dim2=-1)
+
+    def bwd(qt, kt, qs, ks, st, ss, d_ts, d_ss):
+        u = probabilities(qt, kt, qs, ks, st, ss)
+        p = u[:, heads:]
+        dp = (torch.cat([d_ts.mT, d_ss + d_ss.mT], -1) @ u.flatten(2)).view(p.shape)
+        dz = torch._softmax_backward_data(dp, p, -1, p.dtype)
+        return torch.matmul(dz, ks).mul_(ss), dz.mT @ (qs * ss)
+
+    return mirrored_pass(t_in, s_in, block, fwd=fwd, bwd=bwd)
+
+
+def joint(seq: int, rounds: int) -> None:
+    from amad.losses._blockwise import resolve_block_size
+
+    t_in, s_in = recorded_inputs(seq)
+    block = resolve_block_size(None, t_in, s_in)
+    got, want = joint_pass(t_in, s_in, block), mirrored_pass(t_in, s_in, block)
+    diffs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip((*got[0], *got[1:]), (*want[0], *want[1:]))]
+    print(f"seq {seq}: one buffer per block; max relative difference of G_ts, G_ss, |t|^2, dQ, dK: "
+          f"{', '.join(f'{d:.1e}' for d in diffs)}")
+    fns = {"one buffer": lambda: joint_pass(t_in, s_in, block), "as the library": lambda: mirrored_pass(t_in, s_in, block)}
+    report_ratio(interleaved(fns, rounds), "one buffer", "as the library")
+
+
+def fused_layer(seq: int, rounds: int) -> None:
+    from amad.losses._blockwise import resolve_block_size
+
+    t_in, s_in = recorded_inputs(seq)
+    block = resolve_block_size(None, t_in, s_in)
+    q, k, v = (torch.randn_like(s_in.query).requires_grad_() for _ in range(3))
+    d_out = torch.randn_like(q)
+    blocks = [torch.softmax(torch.randn(*q.shape[:2], min(block, seq - s), seq), -1) for s in range(0, seq, block)]
+    batch_heads = q.shape[0] * q.shape[1]
+
+    def sdpa():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.autograd.grad(out, (q, k, v), d_out)
+
+    def added_work():
+        values, d_values = v.detach(), torch.zeros_like(v)
+        for start, probs in zip(range(0, seq, block), blocks):
+            rows = d_out[:, :, start:start + probs.shape[2]]
+            probs @ values
+            (rows @ values.mT).add_(probs)
+            d_values.view(batch_heads, seq, -1).baddbmm_(probs.reshape(batch_heads, -1, seq).mT,
+                                                         rows.reshape(batch_heads, -1, rows.shape[-1]))
+
+    print(f"seq {seq}: the Student layer's SDPA forward+backward against the work fusing it into the loss adds")
+    report_ratio(interleaved({"added work": added_work, "SDPA fwd+bwd": sdpa}, rounds), "added work", "SDPA fwd+bwd")
+
+
+def step_and_loss(seq: int, rounds: int) -> None:
+    from train_step import training_step
+
+    t_in, s_in = recorded_inputs(seq)
+    fns = {"kd": training_step("kd", seq, [2, 2]), "streaming": training_step("streaming", seq, [2, 2]),
+           "loss": loss_pass("amad", t_in, s_in)}
+    for fn in fns.values():  # warm-up (the first Distiller step checks alpha's balance)
+        fn()
+    times = interleaved(fns, rounds)
+    extra = [s - k for s, k in zip(times["streaming"], times["kd"])]
+    rest = [e - loss for e, loss in zip(extra, times["loss"])]
+    for name, values in {**times, "streaming - kd": extra, "streaming - kd - loss": rest}.items():
+        print(f"  {name}: median {statistics.median(values):.3f} s CPU (per round {[round(x, 2) for x in values]})")
+    print(f"  load average {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ab", metavar="PATH", help="directory holding the baseline's amad package (its src/)")
@@ -283,6 +373,9 @@ def main() -> None:
     parser.add_argument("--static", action="store_true", help="--compile with dynamic=False")
     parser.add_argument("--blocks", type=int, nargs="+", metavar="ROWS")
     parser.add_argument("--recorder", action="store_true")
+    parser.add_argument("--joint", action="store_true")
+    parser.add_argument("--fused-layer", action="store_true")
+    parser.add_argument("--step", action="store_true")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
@@ -298,6 +391,12 @@ def main() -> None:
         block_sizes(args.seq, args.rounds, args.blocks)
     if args.recorder:
         recorder_cost(args.seq, args.rounds)
+    if args.joint:
+        joint(args.seq, args.rounds)
+    if args.fused_layer:
+        fused_layer(args.seq, args.rounds)
+    if args.step:
+        step_and_loss(args.seq, args.rounds)
 
 
 if __name__ == "__main__":
