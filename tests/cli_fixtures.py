@@ -1,143 +1,22 @@
-"""Tiny models, tokenizers and data files written to a temporary directory, for the CLI and config tests.
+"""Tiny models, tokenizers and data files for the CLI and config tests: those of ``amad init-example``.
 
 Everything is built from configs (no downloads) and small enough to train a
-few steps in well under a second.
+few steps in well under a second; the code lives in :mod:`amad.cli.examples`.
 """
 
-from __future__ import annotations
-
-import json
-import random
-from pathlib import Path
-
-import numpy as np
-
-WORDS = "good bad movie film great awful the a is was fine boring fun plot actor".split()
-EN = "the a cat dog sat on mat red blue big small".split()
-DE = "die der katze hund sass auf matte rot blau gross klein".split()
-LABELS = ["neg", "pos"]
-
-
-def bert_tokenizer(directory: Path):
-    from transformers import BertTokenizer
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizer(str(vocab))
-
-
-def t5_tokenizer():
-    from transformers import T5Tokenizer
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in EN + DE]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
-
-
-def bert_config(vocab_size: int, heads: int = 4, layers: int = 2, **changes):
-    from transformers import BertConfig
-
-    values = dict(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=32, max_position_embeddings=64, id2label=dict(enumerate(LABELS)),
-                  label2id={n: i for i, n in enumerate(LABELS)})
-    return BertConfig(**{**values, **changes})
-
-
-def vit_config(heads: int = 4, layers: int = 2, **changes):
-    from transformers import ViTConfig
-
-    values = dict(hidden_size=16, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=32,
-                  image_size=16, patch_size=8, id2label={0: "dark", 1: "light"}, label2id={"dark": 0, "light": 1})
-    return ViTConfig(**{**values, **changes})
-
-
-def t5_config(vocab_size: int, heads: int = 4, layers: int = 2, **changes):
-    from transformers import T5Config
-
-    values = dict(vocab_size=vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=layers, num_decoder_layers=layers,
-                  num_heads=heads, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    return T5Config(**{**values, **changes})
-
-
-def write_text_classification(root: Path) -> None:
-    """``root/models/teacher`` (BERT, 4 heads, tokenizer inside) and ``root/data/{train,dev}.jsonl``."""
-    from transformers import BertForSequenceClassification
-
-    teacher_dir = root / "models" / "teacher"
-    tokenizer = bert_tokenizer(teacher_dir)
-    BertForSequenceClassification(bert_config(len(tokenizer))).save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    rng = random.Random(0)
-    for split, n in (("train", 12), ("dev", 6)):
-        rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))), "label": rng.choice(LABELS)}
-                for _ in range(n)]
-        write_jsonl(root / "data" / f"{split}.jsonl", rows)
-
-
-def write_image_classification(root: Path) -> None:
-    """``root/models/teacher`` (ViT 16x16 / 8 patches, image processor inside), PNGs and ``root/data/*.jsonl``."""
-    from PIL import Image
-    from transformers import ViTForImageClassification, ViTImageProcessor
-
-    teacher_dir = root / "models" / "teacher"
-    ViTForImageClassification(vit_config()).save_pretrained(teacher_dir)
-    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(teacher_dir)
-    rng = np.random.default_rng(0)
-    (root / "data" / "images").mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", 8), ("dev", 4)):
-        rows = []
-        for i in range(n):
-            label = int(rng.integers(2))
-            pixels = rng.integers(0, 128, size=(20, 20, 3)) + 127 * label
-            name = f"images/{split}{i}.png"
-            Image.fromarray(pixels.astype(np.uint8)).save(root / "data" / name)
-            rows.append({"image": name, "label": ["dark", "light"][label]})
-        write_jsonl(root / "data" / f"{split}.jsonl", rows)
-
-
-def write_seq2seq(root: Path) -> None:
-    """``root/models/teacher`` (T5, 4 heads, tokenizer inside) and ``root/data/{train,dev}.jsonl`` (en -> de)."""
-    from transformers import T5ForConditionalGeneration
-
-    teacher_dir = root / "models" / "teacher"
-    tokenizer = t5_tokenizer()
-    T5ForConditionalGeneration(t5_config(len(tokenizer))).save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    rng = random.Random(0)
-    for split, n in (("train", 8), ("dev", 4)):
-        rows = []
-        for _ in range(n):
-            idx = [rng.randrange(len(EN)) for _ in range(rng.randint(2, 5))]
-            rows.append({"source": " ".join(EN[i] for i in idx), "target": " ".join(DE[i] for i in idx)})
-        write_jsonl(root / "data" / f"{split}.jsonl", rows)
-
-
-def write_vqa(root: Path) -> None:
-    """``root/models/teacher`` (ViLT, 4 heads, 16x16 images in 8x8 patches, tokenizer and processor inside) + data."""
-    from PIL import Image
-    from transformers import ViltConfig, ViltForQuestionAnswering, ViltImageProcessor
-
-    teacher_dir = root / "models" / "teacher"
-    tokenizer = bert_tokenizer(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
-    answers = ["yes", "no", "two"]
-    config = ViltConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=32, image_size=16, patch_size=8, max_position_embeddings=32,
-                        id2label=dict(enumerate(answers)), label2id={a: i for i, a in enumerate(answers)})
-    ViltForQuestionAnswering(config).save_pretrained(teacher_dir)
-    ViltImageProcessor(size={"shortest_edge": 16}, size_divisor=8).save_pretrained(teacher_dir)
-    rng = np.random.default_rng(0)
-    (root / "data" / "images").mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", 6), ("dev", 4)):
-        rows = []
-        for i in range(n):
-            name = f"images/{split}{i}.png"
-            Image.fromarray(rng.integers(0, 255, size=(16, 16, 3)).astype(np.uint8)).save(root / "data" / name)
-            answer = [str(a) for a in rng.choice(answers, size=3)]
-            rows.append({"image": name, "question": " ".join(rng.choice(WORDS, size=4)), "answer": answer})
-        write_jsonl(root / "data" / f"{split}.jsonl", rows)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+from amad.cli.examples import (  # noqa: F401  (re-exported for the tests)
+    DE,
+    EN,
+    LABELS,
+    WORDS,
+    bert_config,
+    bert_tokenizer,
+    t5_config,
+    t5_tokenizer,
+    vit_config,
+    write_image_classification,
+    write_jsonl,
+    write_seq2seq,
+    write_text_classification,
+    write_vqa,
+)

@@ -25,6 +25,9 @@ from torch.distributed.tensor import DTensor
 import model_factories as mf
 from trainer_worker import ddp_trainer
 
+#: Measured alphas ("auto", "loss-ratio") are refused under FSDP (amad.distributed): fixed weights.
+ALPHA = 1.0
+
 
 def full(tensor: Tensor) -> Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -69,7 +72,7 @@ def hooks_backend_check() -> dict[str, object]:
 
 def main(out: str) -> None:
     torch.set_num_threads(1)
-    trainer = ddp_trainer(out + "/run", per_device_batch=2, fsdp=True, fsdp_config={"version": 2})
+    trainer = ddp_trainer(out + "/run", per_device_batch=2, alpha=ALPHA, fsdp=True, fsdp_config={"version": 2})
     distiller = trainer.distiller
     counts = {
         "teacher": (local_numel(distiller.teacher), full_numel(distiller.teacher)),

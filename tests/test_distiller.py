@@ -139,9 +139,10 @@ def raw_terms(teacher: nn.Module, student: nn.Module, batch: dict) -> dict[str, 
         return Distiller(teacher, student, alpha=1.0)(**batch).losses
 
 
-def test_auto_alpha_matches_kd_on_the_first_batch_then_stays_frozen() -> None:
+def test_loss_ratio_alpha_matches_kd_on_the_first_batch_then_stays_frozen() -> None:
+    """The former rule, kept as alpha="loss-ratio" (alpha="auto" is tested in test_weighting.py)."""
     teacher, student = teacher_and_student("t5")
-    distiller = Distiller(teacher, student)
+    distiller = Distiller(teacher, student, alpha="loss-ratio", alpha_batches=1)
     first, second = seq2seq_batch(), seq2seq_batch(target_length=4)
     second["input_ids"] = second["input_ids"].flip(1)
 
@@ -192,11 +193,11 @@ def test_bad_alpha_is_a_clear_error() -> None:
         Distiller(teacher, student, alpha_batches=0)
 
 
-def test_auto_alpha_over_two_batches_is_the_ratio_of_their_sums() -> None:
+def test_loss_ratio_alpha_over_two_batches_is_the_ratio_of_their_sums() -> None:
     teacher, student = teacher_and_student("bert")
     batches = [text_classification_batch(), text_classification_batch(padded=False)]
     raws = [raw_terms(teacher, student, b) for b in batches]
-    distiller = Distiller(teacher, student, alpha_batches=2).train()
+    distiller = Distiller(teacher, student, alpha="loss-ratio", alpha_batches=2).train()
     name = term_name(distiller.layer_pairs[0])
 
     distiller(**batches[0])
@@ -313,9 +314,12 @@ def test_bad_layer_names_are_clear_errors() -> None:
         Distiller(teacher, student, layers="every")
 
 
-def test_maps_of_different_shapes_are_a_clear_error_naming_both_layers() -> None:
+def test_maps_of_different_shapes_are_a_clear_error_naming_both_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     teacher, student = vit(2, 4, patch_size=4), vit(2, 2, patch_size=2)  # 1 + 4 vs 1 + 16 tokens
+    with pytest.raises(ValueError, match="patch_size is 4 in the teacher but 2 in the student"):
+        Distiller(teacher, student)  # the configs already say it
+    monkeypatch.setattr(distiller_module, "_checked_pair", lambda t, s: None)  # models whose configs do not say it
     distiller = Distiller(teacher, student)
     pattern = (r"Teacher layer 'vit.layers.1.attention' vs Student layer 'vit.layers.1.attention'.*"
                r"\(2, 4, 5, 5\).*\(2, 2, 17, 17\)")

@@ -14,6 +14,7 @@ from transformers import BertForSequenceClassification, TrainingArguments
 import model_factories as mf
 from amad import DistillationTrainer, Distiller
 from amad.distributed import _blocks, fsdp_options, shard_for_fsdp
+from fsdp_worker import ALPHA
 from trainer_worker import assert_matches_single_process, ddp_trainer, run_workers, teacher_and_student
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "distributed"
@@ -97,7 +98,7 @@ def test_two_process_fsdp_run_matches_one_process(tmp_path: Path) -> None:
         assert all(abs(n - total / 2) <= 0.01 * total for n in local), (model, local, total)
     assert result["teacher_changed"] == []
 
-    single = ddp_trainer(str(tmp_path / "single"), per_device_batch=4)
+    single = ddp_trainer(str(tmp_path / "single"), per_device_batch=4, alpha=ALPHA)
     single.train()
     assert_matches_single_process(result, single)
     # rank 0 saved the gathered Student as a plain model

@@ -189,7 +189,7 @@ def test_save_model_writes_a_plain_student(tmp_path: Path) -> None:
     }
     assert not any(tuple(v.shape) in teacher_shapes for v in saved.values())
     extras = safetensors.torch.load_file(out / DISTILLER_STATE_NAME)
-    assert set(extras) == {"alpha", "_alpha_seen", "_alpha_sums"}
+    assert set(extras) == {"alpha", "_alpha_seen", "_alpha_sums", "_alpha_done"}
     assert not any(f.name.startswith("pytorch_model") for f in out.iterdir())
 
 

@@ -86,13 +86,14 @@ def ddp_training_args(output_dir: str, per_device_batch: int, **overrides: Any) 
 
 
 def ddp_trainer(
-    output_dir: str, per_device_batch: int, attention_loss: str | None = "amad-mse", **overrides: Any
+    output_dir: str, per_device_batch: int, attention_loss: str | None = "amad-mse", alpha: Any = "auto",
+    **overrides: Any
 ) -> Any:
     """The run both the single-process test and the 2-process worker perform (8 unpadded samples)."""
     from amad import DistillationTrainer, Distiller
 
     teacher, student = teacher_and_student()
-    distiller = Distiller(teacher, student, attention_loss=attention_loss, layers="last", alpha="auto")
+    distiller = Distiller(teacher, student, attention_loss=attention_loss, layers="last", alpha=alpha)
     return DistillationTrainer(
         model=distiller,
         args=ddp_training_args(output_dir, per_device_batch, **overrides),

@@ -15,6 +15,7 @@ _LAZY = {
     "losses": "amad.losses",
     "shard_for_fsdp": "amad.distributed",
     "student_from_teacher": "amad.student_init",
+    "weighting": "amad.weighting",
 }
 
 __all__ = list(_LAZY) + ["__version__"]
@@ -24,7 +25,7 @@ def __getattr__(name: str) -> Any:
     """Import heavy submodules (transformers) only when they are used."""
     if name in _LAZY:
         module = import_module(_LAZY[name])
-        value = module if name == "losses" else getattr(module, name)
+        value = module if name in ("losses", "weighting") else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'amad' has no attribute {name!r}")

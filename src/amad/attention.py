@@ -108,9 +108,14 @@ class AttentionInputs:
 
     # -- probabilities ----------------------------------------------------
     def logits(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """``Q K^T * scaling + bias`` for query rows ``start:stop``: ``(B, H, r, k)``."""
+        """``Q K^T * scaling + bias`` for query rows ``start:stop``: ``(B, H, r, k)``.
+
+        The scaling multiplies the query rows before the product (``(Q s) K^T``: ``r x d`` entries
+        instead of a pass over the ``r x k`` scores, forward and backward; the same as
+        ``(Q K^T) s`` up to float rounding, exactly the same for a power-of-two ``s`` such as ``64 ** -0.5``).
+        """
         stop = self.q_len if stop is None else stop
-        scores = torch.matmul(self.query[:, :, start:stop], self.key.transpose(-1, -2)) * self.scaling
+        scores = torch.matmul(self.query[:, :, start:stop] * self.scaling, self.key.transpose(-1, -2))
         if self.bias is not None:
             scores = scores + self._rows(self.bias, start, stop).to(scores.dtype)
         return scores

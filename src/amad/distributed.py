@@ -122,6 +122,14 @@ def shard_for_fsdp(
             "shard_for_fsdp needs torch.distributed initialised on every rank: launch with torchrun (or accelerate "
             "launch) and call it after init_process_group, e.g. after reading TrainingArguments.device"
         )
+    if distiller.auto_alpha and not distiller.alpha_frozen:
+        raise ValueError(
+            f"alpha={distiller.alpha_rule!r} is not measured under FSDP yet: its gradients are taken with respect "
+            "to the Student's parameters, which FSDP shards; give alpha numbers or 'paper'"
+        )
+    if distiller.measuring_alpha:  # the balance check of given weights needs the same whole-parameter gradients
+        distiller._alpha_done.fill_(True)
+        logger.info("alpha: the gradient balance check of the given weights is skipped under FSDP")
     if is_sharded(distiller):
         raise ValueError("this Distiller is already sharded (shard_for_fsdp was applied to it before)")
     layer_classes = None if layer_classes is None else list(layer_classes)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 #: The string forms of ``alpha`` (numbers, and one number per layer pair, are the others).
-ALPHA_MODES = ("auto", "paper")
+ALPHA_MODES = ("auto", "loss-ratio", "paper")
 #: The string forms of ``layers`` (a list of ``(teacher_module, student_module)`` pairs is the other).
 LAYER_MODES = ("last", "uniform")
 
@@ -35,8 +35,10 @@ class DistillOptions:
     attention_loss_options: dict[str, Any] = field(default_factory=dict)
     layers: str | list[list[str]] = "last"
     alpha: float | str | list[float] = "auto"
-    alpha_batches: int = 1
+    alpha_batches: int = 8
+    alpha_ratio: float = 1.0
     kd_temperature: float = 1.0
+    kd_top_k: int | None = None
     kd_weight: float = 1.0
     gt_weight: float = 0.0
     streaming: bool = True
@@ -47,9 +49,12 @@ class DistillOptions:
         self._check_alpha()
         for name, rule, ok in (
             ("kd_temperature", "> 0", _number(self.kd_temperature) and self.kd_temperature > 0),
+            ("kd_top_k", "None or an integer >= 1 (Teacher logits kept per position)",
+             self.kd_top_k is None or (type(self.kd_top_k) is int and self.kd_top_k >= 1)),
             ("kd_weight", ">= 0", _number(self.kd_weight) and self.kd_weight >= 0),
             ("gt_weight", ">= 0", _number(self.gt_weight) and self.gt_weight >= 0),
             ("alpha_batches", ">= 1", isinstance(self.alpha_batches, int) and self.alpha_batches >= 1),
+            ("alpha_ratio", "> 0", _number(self.alpha_ratio) and self.alpha_ratio > 0),
             ("block_size", "None or >= 1 (query rows per block)",
              self.block_size is None or (isinstance(self.block_size, int) and self.block_size >= 1)),
         ):
@@ -57,9 +62,10 @@ class DistillOptions:
                 raise ValueError(f"{name}: must be {rule}, got {getattr(self, name)!r}")
         if self.kd_weight == 0 and self.gt_weight == 0 and self.attention_loss is None:
             raise ValueError("attention_loss: nothing to train (kd_weight 0, gt_weight 0 and attention_loss None)")
-        if self.alpha == "auto" and self.attention_loss is not None and self.kd_weight == 0 and self.gt_weight == 0:
-            raise ValueError("alpha: 'auto' scales against the KD or ground-truth term, but both weights are 0; "
-                             "give alpha numbers")
+        if self.alpha in ("auto", "loss-ratio") and self.attention_loss is not None and self.kd_weight == 0 \
+                and self.gt_weight == 0:
+            raise ValueError(f"alpha: {self.alpha!r} scales against the KD or ground-truth term, but both weights "
+                             "are 0; give alpha numbers")
         if not isinstance(self.attention_loss_options, dict):
             raise ValueError(f"attention_loss_options: expected a mapping, got {self.attention_loss_options!r}")
 
@@ -104,6 +110,10 @@ class DistillOptions:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"attention_loss: unknown loss {self.attention_loss!r}{hint} "
                              f"(available: {', '.join(available)})")
+        missing = losses.registry.missing_options(self.attention_loss, self.attention_loss_options)
+        if missing:
+            needs = "; ".join(f"{name!r}" + (f" ({hint})" if hint else "") for name, hint in missing.items())
+            raise ValueError(f"attention_loss_options: {self.attention_loss!r} needs the option {needs}")
         try:
             with torch.device("meta"):  # no allocation (amad-projected is n x n)
                 losses.get(self.attention_loss, **self.attention_loss_options)

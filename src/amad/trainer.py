@@ -18,7 +18,13 @@ torchrun). What changes:
   predictions handed to ``compute_metrics`` are the Student's outputs (e.g.
   logits) with the batch's labels, as a plain ``Trainer`` on the Student gives.
   With ``alpha="auto"``, an evaluation before the first training batch weighs
-  the attention terms by 0 (alpha is measured on training batches only).
+  the attention terms by 0 (alpha is measured on training batches only);
+- at the first training step, alpha is measured (or given weights checked) by
+  :meth:`~amad.Distiller.calibrate_alpha` on ``alpha_batches`` batches drawn at
+  random from the training set (seeded by ``data_seed`` or ``seed``), whatever
+  the sampler (``group_by_length`` puts the longest batches first); an
+  iterable dataset falls back to the first training batches. Logged once as
+  ``alpha/<term>`` and ``grad_ratio/<term>``.
 
 Sharding (FSDP2, both models; docs/distributed.md): under torchrun, pass
 ``TrainingArguments(fsdp=True, fsdp_config={"version": 2, ...})`` or a Distiller
@@ -36,7 +42,8 @@ import inspect
 import json
 import logging
 import os
-from typing import Any, Callable
+import sys
+from typing import Any, Callable, Iterator
 
 import safetensors.torch
 import torch
@@ -45,8 +52,10 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_pt_utils import nested_detach
 from transformers.utils import find_labels
 
+from .checkpoints import AtomicCheckpoints
 from .distiller import Distiller
 from .distributed import full_state_dict, fsdp_options, is_sharded, shard_for_fsdp, unwrapped_class
+from .losses import NonFiniteError
 
 logger = logging.getLogger(__name__)
 
@@ -138,17 +147,20 @@ def _student_predictions(student_outputs: Any, ignore_keys: list[str]) -> Any:
     return predictions[0] if len(predictions) == 1 else predictions
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(AtomicCheckpoints, Trainer):
     """A `transformers.Trainer` whose ``model`` is a :class:`~amad.Distiller`.
 
     Construct it exactly like a ``Trainer``. Checkpoints hold the Student (in
     its own ``save_pretrained`` format) and ``distiller_state.safetensors``,
     never the Teacher; only Student and learnable loss parameters reach the
-    optimizer.
+    optimizer. Checkpoints are crash-safe (:mod:`amad.checkpoints`): ``resume_from_checkpoint=True`` resumes
+    from the newest complete one.
     """
 
     # The Distiller's loss is a mean over its batch: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
+    # Checkpoints are written aside and renamed into place (amad.checkpoints); these files make one complete.
+    checkpoint_files = (DISTILLER_STATE_NAME,)
 
     def __init__(self, model: Distiller | None = None, args: Any = None, *pargs: Any, **kwargs: Any) -> None:
         if model is not None:
@@ -187,6 +199,7 @@ class DistillationTrainer(Trainer):
         self._train_terms = TermAverages()
         self._eval_terms = TermAverages()
         self._alpha_logged = False
+        self._alpha_calibrated = False
 
     def create_accelerator_and_postprocess(self) -> None:
         # FSDP is done by shard_for_fsdp (both models): accelerate's FSDP plugin, which would shard only the
@@ -238,11 +251,24 @@ class DistillationTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        outputs = model(**inputs)
+        if model.training and self.distiller.measuring_alpha and not self._alpha_calibrated:
+            self._alpha_calibrated = True
+            self.calibrate_alpha()
+        try:
+            outputs = model(**inputs)
+        except NonFiniteError as exc:
+            raise _not_finite(exc, self.state, self.args, model.training) from exc
         if model.training:
             steps = getattr(self, "current_gradient_accumulation_steps", 1)
             self._train_terms.add(outputs.losses, weight=1.0 / steps)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def calibrate_alpha(self) -> None:
+        """Measure the Distiller's alpha on random training batches (see the module doc)."""
+        batches = _calibration_batches(self, self.distiller.alpha_batches_wanted)
+        if batches is None:
+            return  # the Distiller measures on the first training batches instead
+        self.distiller.calibrate_alpha(self._prepare_inputs(batch) for batch in batches)
 
     def _reduce_sum(self, tensor: Tensor) -> Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")
@@ -253,6 +279,7 @@ class DistillationTrainer(Trainer):
             distiller = self.distiller
             if not self._alpha_logged and distiller.layer_pairs and distiller.alpha_frozen:
                 logs.update({f"alpha/{k}": v for k, v in distiller.alpha_report().items()})
+                logs.update({f"grad_ratio/{k}": v for k, v in distiller.alpha_balance().items()})
                 self._alpha_logged = True
         super().log(logs, start_time)
 
@@ -274,7 +301,10 @@ class DistillationTrainer(Trainer):
             labels = nested_detach(tuple(inputs[name] for name in self.label_names))
             labels = labels[0] if len(labels) == 1 else labels
         with torch.no_grad(), self.compute_loss_context_manager():
-            outputs = model(**inputs)
+            try:
+                outputs = model(**inputs)
+            except NonFiniteError as exc:
+                raise _not_finite(exc, self.state, self.args, training=False) from exc
         loss = outputs.loss.detach().mean()
         batch_size = _batch_size(inputs)
         self._eval_terms.add(outputs.losses, weight=float(batch_size))
@@ -351,6 +381,53 @@ def _shard_if_requested(distiller: Distiller, args: Any) -> None:
         # The Trainer's flag for a model that owns its placement and gradient reduction (FSDP2 applied before
         # the Trainer): it is neither wrapped in DDP nor prepared by accelerate's FSDP.
         distiller.is_distributed_loading_by_transformers = True
+def _calibration_batches(trainer: Trainer, count: int) -> Iterator[dict] | None:
+    """Up to ``count`` batches of training rows drawn at random (seeded), each process taking its share.
+
+    Batch b holds rows ``order[b*G : (b+1)*G]`` of a seeded permutation, ``G`` the per-process batch size
+    times the number of processes, so N processes measure the batches one process would. None (measure on
+    the first training batches instead) for a dataset without a length or smaller than one batch.
+    """
+    dataset = trainer.train_dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        logger.info("alpha: the training set has no length; it is measured on the first training batches")
+        return None
+    args = trainer.args
+    per_process = getattr(trainer, "_train_batch_size", args.per_device_train_batch_size)
+    size = per_process * args.world_size
+    count = min(count, len(dataset) // size)
+    if count == 0:
+        logger.info("alpha: fewer than %d training rows; it is measured on the first training batches", size)
+        return None
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    collate = trainer.data_collator
+    if _is_arrow_dataset(dataset):  # as Trainer._get_dataloader: drop unused columns from the dataset or the batch
+        dataset = trainer._remove_unused_columns(dataset, description="alpha calibration")
+    else:
+        collate = trainer._get_collator_with_removed_columns(collate, description="alpha calibration")
+    offset = args.process_index * per_process
+    shares = [order[b * size + offset : b * size + offset + per_process] for b in range(count)]
+    return (collate([dataset[i] for i in share]) for share in shares)
+
+
+def _is_arrow_dataset(dataset: Any) -> bool:
+    datasets = sys.modules.get("datasets")  # an Arrow dataset means the package is already imported
+    return datasets is not None and isinstance(dataset, datasets.Dataset)
+
+
+def _not_finite(exc: NonFiniteError, state: Any, args: Any, training: bool) -> NonFiniteError:
+    """``exc`` with the step it happened at and what to do: a Student that diverged needs a lower learning rate."""
+    step = state.global_step + 1 if training else state.global_step
+    where = f"at {'training' if training else 'the evaluation after'} step {step} (epoch {state.epoch or 0:.2f})"
+    if exc.model == "teacher":
+        hint = "the Teacher's outputs are not finite: check its weights (load it in float32 if it was saved in float16)"
+    elif state.global_step == 0:
+        hint = "the Student's outputs are not finite before any update: check its weights and config"
+    else:
+        hint = (f"training diverged: lower the learning rate (learning_rate = {args.learning_rate:g}), e.g. 10 times, "
+                f"or keep gradient clipping on (max_grad_norm = {args.max_grad_norm:g})")
+    return NonFiniteError(f"{where}: {exc}; {hint}", exc.model)
 
 
 def _require_distiller(model: Any) -> None:

@@ -1,8 +1,15 @@
-"""The ``amad`` command end to end on tiny models: the examples/ configs through distill, evaluate and plot."""
+"""The ``amad`` command end to end on tiny models: the examples/ configs through distill, evaluate and plot.
+
+Each example runs the commands written at the top of its file, literally (``amad init-example`` writes
+its tiny Teacher and data), and the README's command-line block runs as written too.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,33 +19,55 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_fixtures import write_image_classification, write_seq2seq, write_text_classification, write_vqa
+from cli_fixtures import write_text_classification
 
 from amad.cli import main
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
 FAST = [
     "--set", "training.max_steps=2", "--set", "training.per_device_train_batch_size=4",
     "--set", "training.eval_strategy=no", "--set", "training.save_strategy=no", "--set", "training.logging_steps=1",
 ]
 
 
-def distill_example(tmp_path: Path, example: str, writer, *extra: str) -> Path:
-    """Copy ``examples/<example>`` beside freshly written tiny models and data, run ``amad distill`` on it."""
-    writer(tmp_path)
-    config = tmp_path / "config.yaml"
-    shutil.copy(EXAMPLES / example, config)
-    run = tmp_path / "run"
-    assert main(["distill", str(config), "--out", str(run), *FAST, *extra]) == 0
-    for name in ("config.json", "model.safetensors", "config.yaml", "plot_inputs.pt", "summary.json"):
+def example_commands(name: str) -> list[str]:
+    """The ``amad ...`` lines in the comment at the top of ``examples/<name>.yaml``."""
+    lines = (EXAMPLES / f"{name}.yaml").read_text().splitlines()
+    return [_words(line.lstrip("# ")) for line in lines if re.match(r"#\s+amad ", line)]
+
+
+def readme_commands() -> list[str]:
+    """The ``amad ...`` lines of the README's bash blocks, but ``amad demo`` (minutes of benchmarks: tests/bench)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    lines = [line.strip() for block in blocks for line in block.splitlines()]
+    return [_words(line) for line in lines if line.startswith("amad ") and not line.startswith("amad demo")]
+
+
+def _words(line: str) -> str:
+    """A command line without its comment, as the shell splits it."""
+    return shlex.join(shlex.split(line, comments=True))
+
+
+def run_as_written(commands: list[str], cwd: Path, monkeypatch, capsys) -> str:
+    """Run each command line in ``cwd`` (a copy of examples/ beside it) as the shell would; return stdout."""
+    assert commands
+    shutil.copytree(EXAMPLES, cwd / "examples")
+    monkeypatch.chdir(cwd)
+    printed = ""
+    for line in commands:
+        argv = shlex.split(line, comments=True)
+        assert argv[0] == "amad"
+        assert main(argv[1:]) == 0, (line, capsys.readouterr().err[-2000:])
+        printed += capsys.readouterr().out
+    return printed
+
+
+def check_run(run: Path, printed: str) -> dict:
+    """The run directory of distill + evaluate + plot, and the evaluation printed as stored."""
+    for name in ("config.json", "model.safetensors", "config.yaml", "plot_inputs.pt", "summary.json",
+                 "eval_results.json", "plots/pair0_similarity.png", "plots/pair0_heads_input0.png"):
         assert (run / name).is_file(), name
-    return run
-
-
-def evaluate(run: Path, capsys) -> dict:
-    capsys.readouterr()
-    assert main(["evaluate", str(run / "config.yaml"), "--checkpoint", str(run)]) == 0
-    printed = capsys.readouterr().out
     results = json.loads((run / "eval_results.json").read_text())
     for model in ("teacher", "student"):
         for metric, value in results["metrics"][model].items():
@@ -55,23 +84,57 @@ def check_student(run: Path, auto_class, heads_key: str, heads: int, teacher_dir
     assert getattr(teacher.config, heads_key) != heads
 
 
-def test_sequence_classification_example(tmp_path: Path, capsys) -> None:
+def test_every_example_has_its_commands_and_a_teacher_writer() -> None:
+    from amad.cli.examples import EXAMPLES as WRITERS
+
+    names = sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
+    assert set(WRITERS) == set(names) - set(SHIPPED_AS_IS)
+    for name in names:
+        commands = example_commands(name)
+        if name in SHIPPED_AS_IS:  # its Teacher and data ship with the project's install
+            assert commands[0].split()[:3] == ["amad", "distill", f"examples/{name}.yaml"], name
+        else:
+            assert [c.split()[:2] for c in commands[:2]] == [["amad", "init-example"], ["amad", "distill"]], name
+
+
+#: Examples whose Teacher and data come with `make test`'s install (no `amad init-example`).
+SHIPPED_AS_IS = ("causal_lm",)
+#: The README's tune line (run below after the example's init-example line).
+README_TUNE = "amad tune my_sst2/config.yaml --out runs/tune --n-trials 2 --max-steps 2"
+
+
+def test_readme_commands_are_the_examples() -> None:
+    """The README's commands: examples/sequence_classification.yaml's, the tune line, and the causal-LM example's
+    smoke test and evaluation (each run as written: below, and in tests/cli/test_causal_lm.py)."""
+    assert readme_commands() == [*example_commands("sequence_classification"), README_TUNE,
+                                 *example_commands("causal_lm")[1:]]
+
+
+def test_readme_tune_command(tmp_path: Path, monkeypatch, capsys) -> None:
+    pytest.importorskip("optuna", reason="amad tune needs the tune extra")
+    run_as_written([example_commands("sequence_classification")[0], README_TUNE], tmp_path, monkeypatch, capsys)
+    assert (tmp_path / "runs" / "tune" / "best.yaml").is_file() and (tmp_path / "runs" / "tune" / "tune.md").is_file()
+
+
+def test_sequence_classification_example(tmp_path: Path, monkeypatch, capsys) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    run = distill_example(tmp_path, "sequence_classification.yaml", write_text_classification)
-    check_student(run, AutoModelForSequenceClassification, "num_attention_heads", 8, tmp_path / "models" / "teacher")
+    printed = run_as_written(example_commands("sequence_classification"), tmp_path, monkeypatch, capsys)
+    run, teacher_dir = tmp_path / "runs" / "sst2", tmp_path / "my_sst2" / "models" / "teacher"
+    results = check_run(run, printed)
+    check_student(run, AutoModelForSequenceClassification, "num_attention_heads", 8, teacher_dir)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["layer_pairs"] == [["bert.encoder.layer.1.attention.self", "bert.encoder.layer.5.attention.self"]]
     alpha = list(summary["alpha"].values())
     assert len(alpha) == 1 and alpha[0] > 0  # alpha="auto" was measured and frozen
-    losses = [entry["loss"] for entry in summary["log_history"] if "loss" in entry]
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert summary["train_metrics"]["train_loss"] > 0 and math.isfinite(summary["train_metrics"]["train_loss"])
+    eval_losses = [entry["eval_loss"] for entry in summary["log_history"] if "eval_loss" in entry]
+    assert len(eval_losses) == 3 and all(math.isfinite(v) for v in eval_losses)  # eval_strategy: epoch, 3 epochs
 
-    results = evaluate(run, capsys)
     # The Teacher's accuracy, recomputed here by hand from the dev file.
-    teacher = AutoModelForSequenceClassification.from_pretrained(tmp_path / "models" / "teacher").eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "models" / "teacher")
-    rows = [json.loads(line) for line in (tmp_path / "data" / "dev.jsonl").read_text().splitlines()]
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    rows = [json.loads(line) for line in (tmp_path / "my_sst2" / "data" / "dev.jsonl").read_text().splitlines()]
     correct = 0
     with torch.no_grad():
         for row in rows:
@@ -80,11 +143,7 @@ def test_sequence_classification_example(tmp_path: Path, capsys) -> None:
     assert results["metrics"]["teacher"]["accuracy"] == pytest.approx(100 * correct / len(rows))
     assert results["num_examples"] == len(rows)
 
-    assert main(["plot", str(run), "--samples", "3", "--heads-samples", "1"]) == 0
-    plots = run / "plots"
-    for name in ("pair0_similarity.png", "pair0_heads_input0.png"):
-        assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    matrices = json.loads((plots / "similarity.json").read_text())
+    matrices = json.loads((run / "plots" / "similarity.json").read_text())
     (entry,) = matrices.values()
     similarity, alignment = torch.tensor(entry["similarity"]), torch.tensor(entry["alignment"])
     assert similarity.shape == alignment.shape == (4, 8)
@@ -92,38 +151,40 @@ def test_sequence_classification_example(tmp_path: Path, capsys) -> None:
     assert similarity.min() >= 0 and similarity.max() <= 1 + 1e-5  # maps are non-negative
 
 
-def test_image_classification_example(tmp_path: Path, capsys) -> None:
+def test_image_classification_example(tmp_path: Path, monkeypatch, capsys) -> None:
     from transformers import AutoModelForImageClassification
 
-    run = distill_example(tmp_path, "image_classification.yaml", write_image_classification,
-                          "--set", "distill.alpha=0.2")
-    check_student(run, AutoModelForImageClassification, "num_attention_heads", 8, tmp_path / "models" / "teacher")
+    printed = run_as_written(example_commands("image_classification"), tmp_path, monkeypatch, capsys)
+    run = tmp_path / "runs" / "vit"
+    results = check_run(run, printed)
+    check_student(run, AutoModelForImageClassification, "num_attention_heads", 8,
+                  tmp_path / "my_vit" / "models" / "teacher")
     summary = json.loads((run / "summary.json").read_text())
-    assert list(summary["alpha"].values()) == [0.2]
+    assert len(summary["alpha"]) == 1 and list(summary["alpha"].values())[0] > 0
+    assert any("eval_loss" in entry for entry in summary["log_history"])  # eval_strategy: epoch ran
     inputs = torch.load(run / "plot_inputs.pt", weights_only=True)
     assert inputs["samples"][0]["pixel_values"].shape == (1, 3, 16, 16)
-    results = evaluate(run, capsys)
     assert 0 <= results["metrics"]["student"]["accuracy"] <= 100
 
 
-def test_seq2seq_example(tmp_path: Path, capsys) -> None:
+def test_seq2seq_example(tmp_path: Path, monkeypatch, capsys) -> None:
     import sacrebleu
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    run = distill_example(tmp_path, "seq2seq_t5.yaml", write_seq2seq,
-                          "--set", "evaluation.num_beams=1", "--set", "evaluation.max_new_tokens=6")
-    check_student(run, AutoModelForSeq2SeqLM, "num_heads", 8, tmp_path / "models" / "teacher")
+    printed = run_as_written(example_commands("seq2seq_t5"), tmp_path, monkeypatch, capsys)
+    run, teacher_dir = tmp_path / "runs" / "t5", tmp_path / "my_t5" / "models" / "teacher"
+    results = check_run(run, printed)
+    check_student(run, AutoModelForSeq2SeqLM, "num_heads", 8, teacher_dir)
     summary = json.loads((run / "summary.json").read_text())
     kinds = {tuple(part.split(".")[0] for part in pair) for pair in summary["layer_pairs"]}
     assert len(summary["layer_pairs"]) == 3 and kinds == {("encoder", "encoder"), ("decoder", "decoder")}
 
-    results = evaluate(run, capsys)
-    # The Teacher's BLEU, recomputed here: greedy generation + sacrebleu.
-    teacher = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "models" / "teacher").eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "models" / "teacher")
-    rows = [json.loads(line) for line in (tmp_path / "data" / "dev.jsonl").read_text().splitlines()]
+    # The Teacher's BLEU, recomputed here: beam search as the config's evaluation section says + sacrebleu.
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    rows = [json.loads(line) for line in (tmp_path / "my_t5" / "data" / "dev.jsonl").read_text().splitlines()]
     with torch.no_grad():
-        out = [teacher.generate(**tokenizer(r["source"], return_tensors="pt"), max_new_tokens=6, num_beams=1)
+        out = [teacher.generate(**tokenizer(r["source"], return_tensors="pt"), max_new_tokens=64, num_beams=4)
                for r in rows]
     hyps = [tokenizer.decode(o[0], skip_special_tokens=True) for o in out]
     expected = sacrebleu.corpus_bleu(hyps, [[r["target"] for r in rows]]).score
@@ -131,23 +192,37 @@ def test_seq2seq_example(tmp_path: Path, capsys) -> None:
     assert set(results["metrics"]["student"]) == {"bleu", "cider"}
 
 
-def test_visual_question_answering_example(tmp_path: Path, capsys) -> None:
+def test_visual_question_answering_example(tmp_path: Path, monkeypatch, capsys) -> None:
     from transformers import AutoModelForVisualQuestionAnswering
 
-    run = distill_example(tmp_path, "visual_question_answering.yaml", write_vqa)
-    check_student(run, AutoModelForVisualQuestionAnswering, "num_attention_heads", 8, tmp_path / "models" / "teacher")
+    printed = run_as_written(example_commands("visual_question_answering"), tmp_path, monkeypatch, capsys)
+    run = tmp_path / "runs" / "vqa"
+    results = check_run(run, printed)
+    check_student(run, AutoModelForVisualQuestionAnswering, "num_attention_heads", 8,
+                  tmp_path / "my_vqa" / "models" / "teacher")
     inputs = torch.load(run / "plot_inputs.pt", weights_only=True)
     labels = inputs["samples"][0]["labels"]
     assert labels.shape == (1, 3) and labels.dtype == torch.float32  # soft answer scores
-    results = evaluate(run, capsys)
     # each score is a sum of min(1, n/3) over 4 questions: a multiple of 100 / 12
     for model in ("teacher", "student"):
         value = results["metrics"][model]["vqa_accuracy"]
         assert 0 <= value <= 100 and (value * 12 / 100) == pytest.approx(round(value * 12 / 100))
 
 
+def test_init_example_refuses_a_used_directory_and_unknown_names(tmp_path: Path, capsys) -> None:
+    assert main(["init-example", "sequence-classification", "--out", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x" / "config.yaml").read_text() == (EXAMPLES / "sequence_classification.yaml").read_text()
+    before = (tmp_path / "x" / "models" / "teacher" / "model.safetensors").read_bytes()
+    assert main(["init-example", "sequence_classification", "--out", str(tmp_path / "x")]) == 2
+    assert "already holds config.yaml, models/teacher, data" in capsys.readouterr().err
+    assert (tmp_path / "x" / "models" / "teacher" / "model.safetensors").read_bytes() == before  # nothing lost
+    assert main(["init-example", "seq2seq", "--out", str(tmp_path / "y")]) == 2
+    assert "example 'seq2seq' does not exist; did you mean 'seq2seq_t5'?" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
 # -- help ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", [[], ["distill"], ["evaluate"], ["plot"]])
+@pytest.mark.parametrize("command", [[], ["distill"], ["evaluate"], ["plot"], ["init-example"]])
 def test_help_has_examples(command: list[str], capsys) -> None:
     assert main([*command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -199,7 +274,7 @@ def test_demo_without_the_plugin_is_a_clear_error(monkeypatch, capsys) -> None:
 def one_line_error(capsys) -> str:
     """The command's error: one line, the last on stderr (progress bars may precede it), no traceback."""
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("amad ")]
+    errors = [line for line in re.split(r"[\r\n]", err) if line.startswith("amad ")]  # a bar ends in \r
     assert "Traceback" not in err and len(errors) == 1 and err.rstrip().endswith(errors[0]), err
     return errors[0]
 
@@ -243,15 +318,17 @@ def test_incompatible_pair_fails_before_any_weights_load(tmp_path: Path, capsys,
 
 
 def test_runtime_errors_exit_1_and_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
+    from amad.losses import NonFiniteError
+
     write_text_classification(tmp_path)
-    (tmp_path / "models" / "teacher" / "model.safetensors").write_bytes(b"not a safetensors file")
     config = tmp_path / "config.yaml"
     shutil.copy(EXAMPLES / "sequence_classification.yaml", config)
-    argv = ["distill", str(config), "--out", str(tmp_path / "r"), *FAST]
+    argv = ["distill", str(config), "--out", str(tmp_path / "r"), *FAST, "--set", "training.max_steps=4",
+            "--set", "training.learning_rate=1e6"]  # diverges: a failure while running, not in the config
     assert main(argv) == 1
     line = one_line_error(capsys)
-    assert line.startswith("amad distill: error: ") and "--debug" in line
-    with pytest.raises(Exception):
+    assert line.startswith("amad distill: error: NonFiniteError: ") and "--debug" in line
+    with pytest.raises(NonFiniteError):
         main([*argv, "--debug"])
 
 

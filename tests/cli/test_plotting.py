@@ -119,3 +119,35 @@ def test_head_maps_figure_has_one_panel_per_head(tmp_path: Path) -> None:
     student_h1 = next(ax for ax in drawn if ax.get_title() == "Student h1")
     assert torch.allclose(torch.as_tensor(student_h1.images[0].get_array().data).double(), student[1], atol=1e-6)
     assert save_figure(fig, tmp_path / "heads.png").read_bytes()[:8] == PNG
+
+
+def test_per_head_maps_have_query_and_key_axes_with_tokens() -> None:
+    teacher, student = random_maps(1, 2, 3, 4, 11)[0], random_maps(1, 3, 3, 4, 12)[0]
+    fig = head_maps_figure(teacher, student, query_tokens=["a", "b", "c"], key_tokens=["w", "x", "y", "z"])
+    corner = next(ax for ax in fig.axes if ax.get_title() == "Student h0")
+    assert (corner.get_xlabel(), corner.get_ylabel()) == ("key", "query")
+    assert [t.get_text() for t in corner.get_xticklabels()] == ["w", "x", "y", "z"]
+    assert [t.get_text() for t in corner.get_yticklabels()] == ["a", "b", "c"]
+    plain = head_maps_figure(teacher, student)  # no tokens: positions, still labelled
+    assert next(ax for ax in plain.axes if ax.get_title() == "Teacher h0").get_ylabel() == "query"
+    with pytest.raises(ValueError, match="key_tokens: 3 tokens for 4 positions"):
+        head_maps_figure(teacher, student, key_tokens=["a", "b", "c"])
+
+
+def test_axis_tokens_follow_encoder_decoder_and_cross_attention() -> None:
+    from amad.cli.plotting import axis_tokens
+
+    class Tokens:
+        pad_token_id = 0
+
+        def convert_ids_to_tokens(self, ids):
+            return [f"t{i}" for i in ids]
+
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[8, 9, -100, -100]])}
+    tok = Tokens()
+    assert axis_tokens(batch, tok, "encoder.block.1.layer.0.SelfAttention", 3, 3) == (["t5", "t6", "t7"],) * 2
+    decoder = ["<start>", "t8", "t9", "t0"]  # labels shifted right, padding shown as the pad token
+    assert axis_tokens(batch, tok, "decoder.block.1.layer.0.SelfAttention", 4, 4) == (decoder, decoder)
+    assert axis_tokens(batch, tok, "decoder.block.1.layer.1.EncDecAttention", 4, 3) == (decoder, ["t5", "t6", "t7"])
+    assert axis_tokens(batch, tok, "vilt.encoder.layer.1.attention", 9, 9) == (None, None)  # text + patches
+    assert axis_tokens(batch, None, "encoder.layer.0", 3, 3) == (None, None)

@@ -126,3 +126,55 @@ def test_bad_inputs_raise_clear_errors():
         logit_kd(student, teacher, reduction="mean")
     with pytest.raises(TypeError, match="floating"):
         logit_kd(student.long(), teacher)
+
+
+# -- top-k KD -------------------------------------------------------------------------------------
+def position_ce_top_k(z_s, z_t, tau, k):
+    """- sum_{c in top-k(z_T)} p~_T(c) log p_S(c): Teacher renormalised over its k largest, Student over all."""
+    top = sorted(range(len(z_t)), key=lambda c: -float(z_t[c]))[:k]
+    weights = [math.exp(float(z_t[c]) / tau) for c in top]
+    log_norm = math.log(sum(math.exp(float(v) / tau) for v in z_s))
+    return -sum(w / sum(weights) * (float(z_s[c]) / tau - log_norm) for w, c in zip(weights, top))
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+@pytest.mark.parametrize(("k", "tau"), [(1, 1.0), (3, 1.0), (3, 2.0), (6, 0.5)])
+def test_top_k_against_a_float64_loop(k, tau, reduction):
+    student, teacher = logits(3, 4, 7, seed=3), logits(3, 4, 7, seed=4)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False], [True] * 4])
+    per_sample = [sum(position_ce_top_k(student[i, j], teacher[i, j], tau, k) for j in range(4) if mask[i, j])
+                  for i in range(3)]
+    expected = sum(per_sample) / (int(mask.sum()) if reduction == "token" else 3)
+    got = logit_kd(student, teacher, temperature=tau, mask=mask, top_k=k, reduction=reduction)
+    assert math.isclose(float(got), expected, rel_tol=1e-10)
+
+
+def test_top_k_of_every_class_is_the_full_kd_and_classification_works():
+    student, teacher = logits(2, 3, 5, seed=0), logits(2, 3, 5, seed=1)
+    torch.testing.assert_close(logit_kd(student, teacher, top_k=5), logit_kd(student, teacher))
+    student, teacher = logits(4, 6, seed=0), logits(4, 6, seed=1)
+    expected = sum(position_ce_top_k(student[i], teacher[i], 1.0, 2) for i in range(4)) / 4
+    assert math.isclose(float(logit_kd(student, teacher, top_k=2)), expected, rel_tol=1e-10)
+
+
+def test_top_k_differs_from_full_kd_when_the_teacher_spreads_its_mass():
+    student, teacher = logits(2, 3, 9, seed=0), logits(2, 3, 9, seed=1)
+    assert not torch.allclose(logit_kd(student, teacher, top_k=2), logit_kd(student, teacher))
+
+
+def test_top_k_gradcheck_wrt_student_and_teacher_values():
+    student = logits(2, 3, 6, seed=0).requires_grad_(True)
+    teacher = logits(2, 3, 6, seed=1).requires_grad_(True)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert torch.autograd.gradcheck(
+        lambda s, t: logit_kd(s, t, temperature=2.0, mask=mask, top_k=3), (student, teacher)
+    )
+
+
+def test_top_k_bad_values():
+    student, teacher = logits(2, 3, 4, seed=0), logits(2, 3, 4, seed=1)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="top_k"):
+            logit_kd(student, teacher, top_k=bad)
+    with pytest.raises(ValueError, match=r"top_k=5 is larger than the 4 classes"):
+        logit_kd(student, teacher, top_k=5)

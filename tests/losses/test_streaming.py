@@ -114,6 +114,32 @@ def test_streaming_equals_materialised_float32(name, options):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["amad-mse", "amad-s2t", "amad-kl", "one-to-one"])
+def test_recorded_layout_and_masks_that_mask_nothing(name):
+    """Q/K strided as a layer records them ((B, q, H, d) transposed), masks all True: same as no masks."""
+    def recorded(x: AttentionInputs, grad: bool, masks: bool) -> AttentionInputs:
+        def strided(t):
+            return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(grad)
+
+        b, q, k = x.batch_size, x.q_len, x.k_len
+        return AttentionInputs(strided(x.query), strided(x.key), x.scaling,
+                               mask=torch.ones(b, 1, 1, k, dtype=torch.bool) if masks else None,
+                               query_mask=torch.ones(b, q, dtype=torch.bool) if masks else None)
+
+    teacher, student = layer_pair("plain", 3, 2)
+    loss = get(name)
+    t_plain, s_plain = recorded(teacher, False, False), recorded(student, True, False)
+    t_masked, s_masked = recorded(teacher, False, True), recorded(student, True, True)
+    assert not s_masked.key.is_contiguous()
+    want, want_grads = loss_and_grads(loss, t_plain, s_plain, streaming=False)
+    plain, plain_grads = loss_and_grads(loss, t_plain, s_plain, streaming=True, block_size=4)
+    got, grads = loss_and_grads(loss, t_masked, s_masked, streaming=True, block_size=4)
+    assert torch.equal(got, plain) and all(torch.equal(g, p) for g, p in zip(grads, plain_grads))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10 * w.abs().max().item())
+
+
 def test_half_precision_is_computed_in_float32_and_returned_in_half():
     teacher, student = layer_pair("padded", 3, 2, dtype=torch.bfloat16)
     loss = get("amad-mse", reduction="mean")

@@ -2,7 +2,10 @@
 
 Everything up to :func:`check_model_pair` reads configs only (``config.json`` or a
 ``model_type`` + kwargs mapping), so a pair whose attention maps cannot be
-matched is refused before any weights are loaded.
+matched (the library's :func:`amad.compat.check_pair`, plus the task and
+``data.max_length`` here) is refused before any weights are loaded. A model,
+tokenizer or processor that fails to load because a file is damaged is named
+(:func:`amad.cli.inputs.unreadable`).
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import inspect
 import logging
 from typing import Any, Callable
 
+from ..compat import check_pair, head_kind, named_labels, position_limits, size_fields
 from .config import ModelSpec, RunConfig
-from .data import named_labels
+from .inputs import unreadable
 from .plugins import register_model_types
+from .sources import pretrained_kwargs
 from .typed import ConfigError, suggest
 
 logger = logging.getLogger(__name__)
@@ -27,6 +32,7 @@ __all__ = [
     "model_class",
     "load_model",
     "load_tokenizer",
+    "run_tokenizer",
     "load_image_processor",
 ]
 
@@ -36,22 +42,10 @@ AUTO_CLASSES = {
     "image-classification": ("AutoModelForImageClassification",),
     "visual-question-answering": ("AutoModelForVisualQuestionAnswering",),
     "seq2seq": ("AutoModelForSeq2SeqLM", "AutoModelForImageTextToText"),
+    "causal-lm": ("AutoModelForCausalLM",),
 }
-#: Suffixes of saved ``architectures`` that say which task a checkpoint's head was trained for.
-HEAD_SUFFIXES = {
-    "ForSequenceClassification": "sequence-classification",
-    "ForImageClassification": "image-classification",
-    "ForQuestionAnswering": "visual-question-answering",
-    "ForVisualQuestionAnswering": "visual-question-answering",
-    "ForConditionalGeneration": "seq2seq",
-    "EncoderDecoderModel": "seq2seq",
-    "ForMaskedLM": "masked language modelling",
-    "ForCausalLM": "causal language modelling",
-    "ForTokenClassification": "token classification",
-    "ForMultipleChoice": "multiple choice",
-}
-#: Config fields that fix the attention map's size; they must agree between Teacher and Student.
-MAP_SIZE_FIELDS = ("image_size", "patch_size", "num_channels", "vocab_size")
+#: Tasks whose models predict tokens: no class labels.
+GENERATIVE = ("seq2seq", "causal-lm")
 _NOT_COPIED = ("architectures", "_name_or_path", "transformers_version")
 
 
@@ -84,10 +78,14 @@ def model_config(spec: ModelSpec, key: str, base: Any = None) -> Any:
 
     register_model_types()
     if spec.path is not None:
+        where = key if key.startswith("-") or key == "run_dir" else f"{key}.path"  # a command-line argument
         try:
-            return AutoConfig.from_pretrained(spec.path)
+            return AutoConfig.from_pretrained(spec.path, **pretrained_kwargs(spec))
         except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"{key}.path: cannot read the model config in {spec.path!r}: {exc}") from None
+            damaged = unreadable(where, spec.path, "model config", exc)
+            if damaged is not exc:
+                raise damaged from None
+            raise ConfigError(f"{where}: cannot read the model config in {spec.path!r}: {exc}") from None
     kwargs = dict(spec.config or {})
     model_type = kwargs.pop("model_type", None)
     if model_type is None:  # the Student as "the Teacher with these changes"
@@ -116,13 +114,13 @@ def model_configs(cfg: RunConfig, label_names: Callable[[Any], list[str] | None]
     the classes of a trained Teacher saved with unnamed (``LABEL_i``) ones.
     """
     teacher = model_config(cfg.teacher, "teacher")
-    names = label_names(teacher) if label_names is not None and cfg.task != "seq2seq" else None
+    names = label_names(teacher) if label_names is not None and cfg.task not in GENERATIVE else None
     if names and (_labels_open(cfg.teacher, teacher, cfg.task) or named_labels(teacher) is None):
         if not _labels_open(cfg.teacher, teacher, cfg.task) and len(names) != teacher.num_labels:
             raise ConfigError(f"data.labels: {len(names)} names for the Teacher's {teacher.num_labels} classes")
         _set_labels(teacher, names)
     student = model_config(cfg.student, "student", base=teacher)
-    if cfg.task != "seq2seq" and _labels_open(cfg.student, student, cfg.task):
+    if cfg.task not in GENERATIVE and _labels_open(cfg.student, student, cfg.task):
         _set_labels(student, [teacher.id2label[i] for i in range(teacher.num_labels)])
     check_model_pair(cfg, teacher, student)
     return teacher, student
@@ -145,25 +143,9 @@ def _set_labels(config: Any, names: list[str]) -> None:
 def _head_task(config: Any) -> tuple[str, str] | None:
     """(architecture, task) read from a saved config's ``architectures``, if it names a head."""
     for arch in getattr(config, "architectures", None) or []:
-        for suffix, task in HEAD_SUFFIXES.items():
-            if arch.endswith(suffix):
-                return arch, task
+        if head_kind(arch):
+            return arch, head_kind(arch)
     return None
-
-
-def _size_fields(config: Any, prefix: str = "") -> dict[str, Any]:
-    """The map-size fields of a config and its sub-configs (``vision_config.image_size`` ...)."""
-    out: dict[str, Any] = {}
-    data = config if isinstance(config, dict) else config.to_dict()
-    for name, value in data.items():
-        if isinstance(value, dict) and name.endswith("_config"):
-            out.update(_size_fields(value, f"{prefix}{name}."))
-        elif name in MAP_SIZE_FIELDS and value is not None:
-            out[prefix + name] = list(value) if isinstance(value, (list, tuple)) else value
-    for name in ("encoder", "decoder"):
-        if isinstance(data.get(name), dict):
-            out.update(_size_fields(data[name], f"{prefix}{name}."))
-    return out
 
 
 def check_model_pair(cfg: RunConfig, teacher: Any, student: Any) -> None:
@@ -174,23 +156,29 @@ def check_model_pair(cfg: RunConfig, teacher: Any, student: Any) -> None:
             f"teacher: saved as {t_head[0]} ({t_head[1]}), but task is {cfg.task!r}; "
             "the Teacher must be trained for the task it teaches"
         )
-    for spec, config, key in ((cfg.teacher, teacher, "teacher"), (cfg.student, student, "student")):
-        model_class(cfg.task, spec, config, key)  # both must have a model for the task
     if s_head and s_head[1] != cfg.task:
         logger.warning("student: saved as %s; its %s head starts untrained", s_head[0], cfg.task)
-    t_sizes, s_sizes = _size_fields(teacher), _size_fields(student)
-    for name in sorted(set(t_sizes) & set(s_sizes)):
-        if t_sizes[name] != s_sizes[name]:
-            why = "the tokenizer's vocabulary" if name.endswith("vocab_size") else "the attention map size"
-            raise ConfigError(
-                f"teacher and student cannot be matched: {name} is {t_sizes[name]} in the teacher but "
-                f"{s_sizes[name]} in the student (they must share {why})"
-            )
-    if cfg.task != "seq2seq" and teacher.num_labels != student.num_labels:
-        raise ConfigError(
-            f"teacher and student cannot be matched: the teacher has {teacher.num_labels} labels, "
-            f"the student {student.num_labels} (set student.config.num_labels or use the same label set)"
-        )
+    classes = [model_class(cfg.task, spec, config, key).__name__
+               for spec, config, key in ((cfg.teacher, teacher, "teacher"), (cfg.student, student, "student"))]
+    try:
+        check_pair(teacher, student, teacher_class=classes[0], student_class=classes[1], task=cfg.task)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    check_lengths(cfg, teacher, student)
+
+
+def check_lengths(cfg: RunConfig, teacher: Any, student: Any) -> None:
+    """``data.max_length`` (and a seq2seq ``data.max_target_length``) must fit both models' position embeddings."""
+    keys = ["max_length"] + (["max_target_length"] if cfg.task == "seq2seq" else [])
+    for model, config in (("teacher", teacher), ("student", student)):
+        for field, limit in position_limits(config).items():
+            for key in keys:
+                value = getattr(cfg.data, key)
+                if value > limit:
+                    raise ConfigError(
+                        f"data.{key}: {value} tokens do not fit the {model}'s {limit} positions ({field} of "
+                        f"{config.model_type}); set data.{key} to at most {limit}"
+                    )
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -222,19 +210,52 @@ def model_class(task: str, spec: ModelSpec, config: Any, key: str) -> Any:
 def load_model(task: str, spec: ModelSpec, config: Any, key: str, path: str | None = None) -> Any:
     """Weights from ``path`` (default ``spec.path``) with ``config``, or a fresh model from ``config``."""
     cls = model_class(task, spec, config, key)
+    kwargs = pretrained_kwargs(spec) if path is None else {}  # a saved checkpoint is no GGUF file
     path = path or spec.path
-    if path is not None:
-        return cls.from_pretrained(path, config=config)
-    return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    if path is None:
+        return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    try:
+        model = cls.from_pretrained(path, config=config, **kwargs)
+    except Exception as exc:  # a damaged file surfaces as whatever its reader raises
+        raise unreadable(f"{key}.path" if path == spec.path else key, path, "model", exc) from exc
+    if kwargs and key == "student":
+        model = _trainable_copy(cls, model, config, key)
+    return model
 
 
-def load_tokenizer(path: str) -> Any:
+def _trainable_copy(cls: Any, model: Any, config: Any, key: str) -> Any:
+    """A model read from a GGUF file stays marked quantized (not trainable, not savable): copy its weights out."""
+    plain = cls.from_config(config)
+    try:
+        plain.load_state_dict(model.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"{key}.gguf_file: its weights were loaded in a packed (quantized) form that cannot be trained; "
+            f"{' '.join(str(exc).split())[:200]}"
+        ) from None
+    return plain
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"tokenizer: cannot load a tokenizer from {path!r}: {exc}") from None
+        return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except Exception as exc:
+        damaged = unreadable("tokenizer", path, "tokenizer", exc)
+        if damaged is not exc or not isinstance(exc, (OSError, ValueError)):
+            raise damaged from exc
+        where = f"{gguf_file!r} in {path!r}" if gguf_file else repr(path)
+        raise ConfigError(f"tokenizer: cannot load a tokenizer from {where}: {exc}") from None
+
+
+def run_tokenizer(cfg: RunConfig) -> Any:
+    """The ``tokenizer:`` directory's tokenizer, else the one in the Teacher's GGUF file, else None."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    if cfg.teacher.gguf_file:
+        return load_tokenizer(str(cfg.teacher.path), cfg.teacher.gguf_file)
+    return None
 
 
 def load_image_processor(path: str) -> Any:
@@ -242,7 +263,10 @@ def load_image_processor(path: str) -> Any:
 
     try:
         return AutoImageProcessor.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        damaged = unreadable("image_processor", path, "image processor", exc)
+        if damaged is not exc or not isinstance(exc, (OSError, ValueError)):
+            raise damaged from exc
         raise ConfigError(f"image_processor: cannot load an image processor from {path!r}: {exc}") from None
 
 
@@ -257,7 +281,7 @@ def processor_size(processor: Any) -> tuple[int, int] | None:
 
 def check_processors(tokenizer: Any, image_processor: Any, teacher: Any) -> None:
     """The tokenizer must fit the models' vocabulary; the processor must output the models' image size."""
-    fields = _size_fields(teacher)
+    fields = size_fields(teacher)
     sizes = [v for k, v in fields.items() if k.endswith("vocab_size")]
     if tokenizer is not None and sizes and len(tokenizer) > min(sizes):
         raise ConfigError(

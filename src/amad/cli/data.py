@@ -11,6 +11,7 @@ are opened only when a batch needs them.
 from __future__ import annotations
 
 import copy
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..compat import label_permutation, named_labels
 from .config import DataSpec, RunConfig
+from .inputs import check_image_array, check_values, read_failure
 from .typed import ConfigError, suggest
 
 __all__ = [
@@ -34,7 +37,7 @@ __all__ = [
     "expand_references",
 ]
 
-FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
 
 
 def read_table(path: str, fmt: str, split: str, key: str) -> Any:
@@ -45,18 +48,31 @@ def read_table(path: str, fmt: str, split: str, key: str) -> Any:
         fmt = "disk" if Path(path).is_dir() else FORMATS.get(Path(path).suffix.lower(), "")
         if not fmt:
             raise ConfigError(f"{key}: cannot tell the format of {path!r}; set data.format to json, csv or disk")
+    quiet = logging.getLogger("datasets")  # it logs a failed read itself; the error below says it in one line
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         if fmt == "disk":
             table = datasets.load_from_disk(path)
         else:
             table = datasets.load_dataset(fmt, data_files=path, split="train")
     except Exception as exc:  # malformed files surface from deep inside datasets / pyarrow
-        raise ConfigError(f"{key}: cannot read {path!r} as {fmt}: {' '.join(str(exc).split())[:300]}") from None
+        raise ConfigError(f"{key}: cannot read {path!r} as {fmt}: {read_failure(path, fmt, exc)}") from None
+    finally:
+        quiet.setLevel(level)
     if isinstance(table, datasets.DatasetDict):
         if split not in table:
             raise ConfigError(f"{key}: {path!r} has splits {sorted(table)}, not {split!r} (set the data.*_split key)")
         table = table[split]
+    if len(table) == 0:
+        raise ConfigError(f"{key}: {path!r} has no rows")
     return table
+
+
+def evaluates_during_training(training: dict) -> str | None:
+    """The ``training:`` key that makes the Trainer evaluate while training (it then needs eval data), or None."""
+    strategy = str(training.get("eval_strategy", "no")).lower().rsplit(".", 1)[-1]
+    return f"training.eval_strategy is {training['eval_strategy']!r}" if strategy != "no" else None
 
 
 def load_splits(cfg: RunConfig, *, need_eval: bool = False) -> tuple[Any, Any | None]:
@@ -74,6 +90,12 @@ def load_splits(cfg: RunConfig, *, need_eval: bool = False) -> tuple[Any, Any | 
             evaluation = whole[spec.eval_split]
     if need_eval and evaluation is None:
         raise ConfigError("data.eval: evaluation needs an eval file (or a saved DatasetDict with data.eval_split)")
+    during = evaluates_during_training(cfg.training)
+    if during and evaluation is None:
+        raise ConfigError(
+            f"data.eval: {during}, which evaluates during training, but there is no evaluation data; set data.eval "
+            "to an eval file, or set training.eval_strategy: no"
+        )
     tables = []
     splits = ((train, spec.max_train_samples, spec.train), (evaluation, spec.max_eval_samples, spec.eval or spec.train))
     for table, limit, source in splits:
@@ -94,6 +116,8 @@ def task_columns(task: str, spec: DataSpec, columns: Sequence[str]) -> dict[str,
         return out
     if task == "image-classification":
         return {"image_column": spec.image_column or "", "label_column": spec.label_column}
+    if task == "causal-lm":
+        return {"text_column": spec.text_column}
     if task == "visual-question-answering":
         return {
             "image_column": spec.image_column or "",
@@ -121,6 +145,7 @@ def _prepare_table(table: Any, cfg: RunConfig, source: str) -> Any:
                 f"(columns: {', '.join(table.column_names)})"
             )
     table = table.select_columns(list(dict.fromkeys(columns.values())))
+    check_values(table, columns, source)
     image = columns.get("image_column")
     if image and getattr(table.features[image], "dtype", None) in ("string", "large_string"):
         table = _absolute_images(table, image, Path(cfg.data.image_root or Path(source).parent), source)
@@ -136,12 +161,6 @@ def _absolute_images(table: Any, column: str, root: Path, source: str) -> Any:
 
 
 # -- labels -------------------------------------------------------------------------------------
-def named_labels(config: Any) -> list[str] | None:
-    """A config's class names in id order, or None when they are the generic ``LABEL_i``."""
-    names = [str(config.id2label[i]) for i in range(config.num_labels)] if config.id2label else []
-    return names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
-
-
 def label_names(cfg: RunConfig, teacher_config: Any, train: Any) -> list[str] | None:
     """Class names (or the VQA answer vocabulary) in id order, or None when the labels are ids already.
 
@@ -219,11 +238,12 @@ def load_image(value: Any) -> Any:
         array = array.transpose(1, 2, 0)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim not in (2, 3):
-        raise ValueError(f"image arrays must be (H, W), (H, W, C) or (C, H, W); got shape {array.shape}")
+    problem = check_image_array(array)
+    if problem:
+        raise ValueError(problem)
     if np.issubdtype(array.dtype, np.floating) and array.size and float(array.max()) <= 1.0:
-        array = array * 255.0
-    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
+        array = array * 255.0  # floats in [0, 1]; checked above: finite, in [0, 255]
+    return Image.fromarray(array.astype(np.uint8)).convert("RGB")
 
 
 # -- batches --------------------------------------------------------------------------------------
@@ -231,15 +251,31 @@ class TaskCollator:
     """Raw rows -> the model's batch for one task.
 
     ``generation=True`` (seq2seq evaluation) leaves out the labels. Classes are
-    read from ``config.label2id`` (classification) or the answer vocabulary.
+    read from ``config.label2id`` (classification) or the answer vocabulary
+    (``config`` is the Teacher's: integer labels in the data are its ids);
+    ``output_config`` is the config of the model the labels are for (default
+    ``config``): its label ids, matched to the Teacher's by name, are emitted.
     """
 
     def __init__(
         self, task: str, spec: DataSpec, *, tokenizer: Any = None, image_processor: Any = None,
-        config: Any = None, generation: bool = False,
+        config: Any = None, generation: bool = False, output_config: Any = None,
     ) -> None:
         self.task, self.spec, self.tokenizer, self.image_processor = task, spec, tokenizer, image_processor
         self.config, self.generation = config, generation
+        self.output_ids: list[int] | None = None  # output_config's id of each of config's label ids
+        if output_config is not None and output_config is not config:
+            order = label_permutation(config, output_config)  # config's id of each of output_config's labels
+            if order is not None:
+                self.output_ids = [order.index(i) for i in range(len(order))]
+
+    def for_model(self, config: Any) -> "TaskCollator":
+        """The same collator with labels in the order of the model whose config is ``config``."""
+        return TaskCollator(self.task, self.spec, tokenizer=self.tokenizer, image_processor=self.image_processor,
+                            config=self.config, generation=self.generation, output_config=config)
+
+    def _out(self, label_id: int) -> int:
+        return label_id if self.output_ids is None else self.output_ids[label_id]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         spec, batch = self.spec, {}
@@ -264,6 +300,8 @@ class TaskCollator:
         return other
 
     def _text(self, texts: list, pairs: list | None = None) -> dict[str, torch.Tensor]:
+        if any(t is None for t in texts + (pairs or [])):
+            raise ValueError("a row of the batch has no text (None); every row needs its text column")
         texts = [str(t) for t in texts]
         pairs = [str(p) for p in pairs] if pairs is not None else None
         encoded = self.tokenizer(
@@ -274,13 +312,13 @@ class TaskCollator:
     def labels(self, rows: list[dict]) -> torch.Tensor:
         spec = self.spec
         if self.task in ("sequence-classification", "image-classification"):
-            return torch.tensor([_label_id(r[spec.label_column], self.config, "batch") for r in rows])
+            return torch.tensor([self._out(_label_id(r[spec.label_column], self.config, "batch")) for r in rows])
         if self.task == "visual-question-answering":
             scores = torch.zeros(len(rows), self.config.num_labels)
             for i, row in enumerate(rows):
                 for answer, score in answer_scores(row[spec.answer_column]).items():
                     if answer in self.config.label2id:
-                        scores[i, int(self.config.label2id[answer])] = score
+                        scores[i, self._out(int(self.config.label2id[answer]))] = score
             return scores
         targets = [self.references(r)[0] for r in rows]
         encoded = self.tokenizer(

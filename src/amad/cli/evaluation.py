@@ -25,6 +25,7 @@ METRICS = {
     "image-classification": ("accuracy",),
     "visual-question-answering": ("vqa_accuracy",),
     "seq2seq": ("bleu", "cider"),
+    "causal-lm": ("perplexity", "next_token_accuracy", "kl_teacher_student", "top1_agreement"),  # causal_lm.py
 }
 
 
@@ -95,12 +96,17 @@ def evaluate_model(
 ) -> dict[str, float]:
     """The task's metrics of ``model`` on ``rows`` (a ``datasets.Dataset`` or a list of row dicts).
 
+    Classes are compared by name: a Student whose ``id2label`` orders the
+    Teacher's labels differently is scored through its own ``id2label``.
+
     ``progress``: a label for a tqdm progress bar on stderr (None: no bar).
     """
     from tqdm.auto import tqdm
 
     device = torch.device(device)
     model = model.to(device).eval()
+    if getattr(model, "config", None) is not None and collator.config is not None:
+        collator = collator.for_model(model.config)  # gold labels in this model's own label order
     task, spec = collator.task, collator.spec
     predictions: list = []
     gold: list = []

@@ -25,25 +25,34 @@ Distil a Teacher into a Student as the YAML config says, then save the Student
 inputs for `amad plot` and summary.json into the run directory.
 
 examples:
-  amad distill examples/sequence_classification.yaml --out runs/sst2
-  amad distill examples/seq2seq_t5.yaml --out runs/t5 \\
+  amad init-example sequence_classification --out my_sst2   # a runnable example
+  amad distill my_sst2/config.yaml --out runs/sst2
+  amad distill my_t5/config.yaml --out runs/t5 \\
       --set distill.alpha=0.2 --set training.max_steps=10
   amad distill cfg.yaml --out runs/x --set distill.attention_loss=one-to-one \\
       --set 'distill.layers=[[encoder.layer.11.attention.self, encoder.layer.5.attention.self]]'
 
 --set takes a dotted key and a YAML value; relative paths in the config file
 are relative to the file, those given with --set to the current directory.
+
+A run directory holds one run: reusing one is refused unless --resume (continue
+from its newest complete checkpoint; give the same --set options) or
+--overwrite (remove its checkpoints and the files amad distill wrote first).
+Checkpoints are written aside and renamed into place, so a crash leaves only
+complete ones; after Ctrl-C the message says how to resume.
 """
 
 EVALUATE_HELP = """\
 Score the Teacher (from the config) and a distilled Student (--checkpoint) on
 the config's evaluation data, side by side: accuracy for classification, VQA
-accuracy for visual question answering, BLEU and CIDEr for seq2seq (all 0-100).
+accuracy for visual question answering, BLEU and CIDEr for seq2seq (all 0-100);
+perplexity, next-token accuracy, KL(Teacher || Student) per token and top-1
+agreement for causal-lm.
 Prints a table and writes JSON (default CHECKPOINT/eval_results.json).
 
 examples:
   amad evaluate runs/sst2/config.yaml --checkpoint runs/sst2
-  amad evaluate examples/seq2seq_t5.yaml --checkpoint runs/t5/checkpoint-500 \\
+  amad evaluate my_t5/config.yaml --checkpoint runs/t5/checkpoint-5 \\
       --set data.max_eval_samples=200 --output t5_eval.json
 """
 
@@ -74,6 +83,19 @@ examples:
   amad distill runs/tune/best.yaml --out runs/best
 """
 
+INIT_EXAMPLE_HELP = """\
+Write a runnable copy of a config in examples/: OUT/config.yaml, a tiny Teacher
+with random weights (OUT/models/teacher, saved with save_pretrained with its
+tokenizer / image processor) and a few rows of data (OUT/data), so that the
+example's commands run as written, in seconds on a CPU. Replace the Teacher and
+the data by real ones to distil for real.
+
+examples:
+  amad init-example sequence_classification --out my_sst2
+  amad distill my_sst2/config.yaml --out runs/sst2
+  amad init-example seq2seq_t5 --out my_t5
+"""
+
 DEMO_HELP = """\
 The offline demo benchmarks (provided by amad.bench); their own options follow.
 
@@ -96,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="amad",
         description="Attention-map alignment distillation between transformers with different head counts.",
-        epilog="examples:\n  amad distill examples/sequence_classification.yaml --out runs/sst2\n"
+        epilog="examples:\n  amad init-example sequence_classification --out my_sst2\n"
+        "  amad distill my_sst2/config.yaml --out runs/sst2\n"
         "  amad evaluate runs/sst2/config.yaml --checkpoint runs/sst2\n  amad plot runs/sst2\n"
         "  amad tune examples/sequence_classification.yaml --out runs/tune\n"
         "  amad demo --quick --out runs/demo\n\nRun `amad COMMAND --help` for each command's options.",
@@ -111,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--out", help="run directory (default: training.output_dir)")
     _add_set(distill)
     distill.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                         help="resume training from the latest (or the given) checkpoint")
+                         help="resume training from the newest complete (or the given) checkpoint")
+    distill.add_argument("--overwrite", action="store_true",
+                         help="replace a previous run in the run directory (its checkpoints and outputs are removed)")
     distill.set_defaults(handler=lambda a: _with_config(a, "distill"))
 
     evaluate = _command(sub, "evaluate", EVALUATE_HELP, "score Teacher and Student side by side")
@@ -144,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(tune)
     tune.set_defaults(handler=_tune)
 
+    init = _command(sub, "init-example", INIT_EXAMPLE_HELP, "write an example config with a tiny Teacher and data")
+    init.add_argument("name", help="sequence_classification, image_classification, seq2seq_t5 or "
+                      "visual_question_answering (a file of examples/)")
+    init.add_argument("--out", required=True, help="directory to write (must not hold a config.yaml yet)")
+    init.set_defaults(handler=_init_example)
+
     demo = sub.add_parser("demo", help="run the offline demo benchmarks (provided by amad.bench)", add_help=False,
                           description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("args", nargs=argparse.REMAINDER)
@@ -173,6 +204,12 @@ def _tune(args: argparse.Namespace) -> int:
     from .tune import tune
 
     return tune(args, cfg)
+def _init_example(args: argparse.Namespace) -> int:
+    from .examples import init_example
+
+    config = init_example(args.name, args.out)
+    print(f"wrote {config}, its Teacher ({config.parent / 'models' / 'teacher'}) and data ({config.parent / 'data'})")
+    return 0
 
 
 def _commands() -> Any:
@@ -238,16 +275,29 @@ def _run(name: str, action: Callable[[], int | None], debug: bool) -> int:
             raise
         print(f"amad {name}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"amad {name}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # its message, if any, says how to resume (amad distill)
+        print(f"amad {name}: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except Exception as exc:
         if debug:
             raise
+        _release(exc)
         print(f"amad {name}: error: {type(exc).__name__}: {_one_line(exc)} (--debug shows the traceback)",
               file=sys.stderr)
         return 1
     return int(code or 0)
+
+
+def _release(exc: BaseException) -> None:
+    """Free what the failed run still holds (its open progress bars close and print now, not after the error)."""
+    import gc
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+    gc.collect()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,6 +80,8 @@ def _has_temperature(name: str, options: dict) -> bool:
 
 def make_search(cfg: RunConfig, config_path: str, out: Path) -> Search:
     """The losses (checked as the Distiller builds them), the metric and the number of trials."""
+    if cfg.task == "causal-lm":  # its validation scores the Student alone; causal-lm's metrics need the Teacher too
+        raise ConfigError("task: amad tune does not support causal-lm yet; run amad distill and amad evaluate per setting")
     opts = cfg.tune
     losses = list(opts.losses or [cfg.distill.attention_loss])
     if None in losses:
@@ -132,6 +134,7 @@ def split_data(search: Search) -> tuple[Any, Any, str]:
     cfg = copy.deepcopy(search.cfg)
     opts = search.options
     cfg.data.eval = opts.validation  # never data.eval: that is the test split
+    cfg.training = {**cfg.training, "eval_strategy": "no"}  # reading the data only: no evaluation split needed yet
     if opts.validation is not None:
         train, validation = load_splits(cfg, need_eval=True)
         return train, validation, f"the validation file {opts.validation}"

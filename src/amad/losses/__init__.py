@@ -20,6 +20,7 @@ module; ``streaming`` gathers the streaming forms under one name.
 
 from . import alignment, head_mean, logits, minilm, one_to_one, projected, rkd, shd, streaming  # noqa: F401  (registration)
 from .alignment import *  # noqa: F401,F403
+from ._common import NonFiniteError
 from .base import AttentionLoss
 from .head_mean import *  # noqa: F401,F403
 from .logits import *  # noqa: F401,F403
@@ -30,4 +31,4 @@ from .registry import available, get, register
 from .rkd import *  # noqa: F401,F403
 from .shd import *  # noqa: F401,F403
 
-__all__ = ["AttentionLoss", "available", "get", "register"]
+__all__ = ["AttentionLoss", "NonFiniteError", "available", "get", "register"]

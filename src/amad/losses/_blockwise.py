@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..attention import AttentionInputs, check_map_shapes
-from ._common import HALF_DTYPES, apply_mask, kl_elements, reduce_per_sample, rownorm1
+from ._common import HALF_DTYPES, NonFiniteError, apply_mask, kl_elements, reduce_per_sample, rownorm1
 
 #: Largest number of map entries (``B * H * rows * k``) one block may hold when
 #: ``block_size`` is None (16 MiB in float32). Measured (benchmarks/README.md):
@@ -77,16 +77,34 @@ def check_finite_inputs(inputs: AttentionInputs, label: str, name: str) -> None:
     for part in ("query", "key", "bias"):
         tensor = getattr(inputs, part)
         if tensor is not None and not torch.isfinite(tensor.detach()).all():
-            raise ValueError(f"{name}: {label} {part} {tuple(tensor.shape)} contains NaN or infinite values")
+            raise NonFiniteError(
+                f"{name}: {label} {part} {tuple(tensor.shape)} contains NaN or infinite values", label.lower()
+            )
 
 
 def _check_finite_sums(totals: Sequence[Tensor], plan: "BlockPlan") -> None:
-    """The summed statistics are finite unless some block's probabilities were not (overflowing logits)."""
-    if not all(bool(torch.isfinite(t).all()) for t in totals):
-        raise ValueError(
-            f"streaming loss: the Teacher maps {plan.teacher.map_shape} or Student maps {plan.student.map_shape} "
-            "contain NaN or infinite values (the attention logits overflow?)"
-        )
+    """The summed statistics are finite unless an input or some block's probabilities were not.
+
+    One check (one host-device synchronisation) per pass, on the small sums; only when it fails
+    are the inputs examined, to name the one that is not finite.
+    """
+    if bool(torch.stack([torch.isfinite(t).all() for t in totals]).all()):
+        return
+    check_finite_inputs(plan.teacher, "Teacher", plan.name)
+    check_finite_inputs(plan.student, "Student", plan.name)
+    raise NonFiniteError(
+        f"{plan.name}: the Teacher maps {plan.teacher.map_shape} or Student maps {plan.student.map_shape} "
+        "contain NaN or infinite values (the attention logits overflow?)"
+    )
+
+
+def _drop_all_true_masks(inputs: AttentionInputs) -> AttentionInputs:
+    """The same inputs without a key or query mask that masks nothing (saves passes over every block)."""
+    mask = None if inputs.mask is None or bool(inputs.mask.all()) else inputs.mask
+    query_mask = None if inputs.query_mask is None or bool(inputs.query_mask.all()) else inputs.query_mask
+    if mask is inputs.mask and query_mask is inputs.query_mask:
+        return inputs
+    return replace(inputs, mask=mask, query_mask=query_mask)
 
 
 @dataclass(frozen=True)
@@ -101,17 +119,20 @@ class BlockPlan:
     #: Optional ``fn(T_b, S_b, *grad_outputs) -> dL/dS_b``: the backward uses it instead of re-running
     #: ``stats_fn`` under autograd (cheaper for the Gram statistics; not for passes with extras).
     student_grad_fn: Callable[..., Tensor] | None = None
+    #: The loss's name, for error messages.
+    name: str = "streaming loss"
 
     def blocks(self) -> range:
         return range(0, self.student.q_len, self.block_size)
 
-    def pair(self, start: int, view: AttentionInputs) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Teacher block (no gradient), Student block from ``view`` and their common valid mask."""
+    def pair(self, start: int, view: AttentionInputs, student_probs: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Teacher block (no gradient), Student block from ``view`` (or its ``student_probs``) and their common valid mask."""
         stop = min(start + self.block_size, self.student.q_len)
         with torch.no_grad():
             t_view = block_view(self.teacher, start, stop)
             teacher_block = t_view.probs().to(self.dtype)
-        student_block = view.probs().to(self.dtype)
+        student_block = (view.probs() if student_probs is None else student_probs).to(self.dtype)
         valid = _both(t_view.valid(), view.valid())
         return apply_mask(teacher_block, valid), apply_mask(student_block, valid), valid
 
@@ -144,12 +165,17 @@ class _BlockwiseSum(torch.autograd.Function):
         need_q, need_k, need_b = ctx.needs_input_grad[1:4]
         need_extras = ctx.needs_input_grad[4:]
         grad_query = torch.zeros_like(query) if need_q else None
-        grad_key = torch.zeros_like(key) if need_k else None
+        grad_key = key.new_zeros(key.shape) if need_k else None  # contiguous: accumulated in place by products
         grad_bias = torch.zeros_like(bias) if need_b and bias is not None else None
         grad_extras = [torch.zeros_like(e) if n else None for e, n in zip(extras, need_extras)]
         bias_by_rows = bias is not None and _rows(bias, 0, 1) is not bias
         for start in plan.blocks():
             stop = min(start + plan.block_size, query.shape[2])
+            if plan.student_grad_fn is not None:
+                grad_bias_rows = grad_bias[..., start:stop, :] if bias_by_rows and need_b else grad_bias
+                _closed_form_grads(plan, start, stop, query, key, bias, grad_outputs,
+                                   None if grad_query is None else grad_query[:, :, start:stop], grad_key, grad_bias_rows)
+                continue
             with torch.enable_grad():
                 q_rows = query[:, :, start:stop].detach().requires_grad_(need_q)
                 key_leaf = key.detach().requires_grad_(need_k)
@@ -174,18 +200,44 @@ class _BlockwiseSum(torch.autograd.Function):
         return (None, grad_query, grad_key, grad_bias, *grad_extras)
 
 
+@torch.no_grad()
+def _closed_form_grads(plan: BlockPlan, start: int, stop: int, query: Tensor, key: Tensor, bias: Tensor | None,
+                       grad_outputs: Sequence[Tensor], grad_query: Tensor | None, grad_key: Tensor | None,
+                       grad_bias: Tensor | None) -> None:
+    """Add one block's gradients to the accumulators, from ``dL/dS_b = student_grad_fn(...)``, without autograd.
+
+    With ``P = softmax(Z)`` the block's Student probabilities (0 where not attendable) and
+    ``Z = (Q s) K^T + bias``: ``dZ = P * (dP - rowsum(dP * P))``, ``dQ = s dZ K``,
+    ``dK += dZ^T (Q s)``, ``dbias += dZ`` (summed over bias's broadcast dimensions): what
+    autograd through :meth:`AttentionInputs.probs` computes, with ``dK`` accumulated inside the product.
+    """
+    q_rows = query[:, :, start:stop]
+    view = block_view(plan.student, start, stop, query=q_rows, key=key, bias=_rows(bias, start, stop))
+    probs = view.probs()
+    teacher_block, student_block, valid = plan.pair(start, view, student_probs=probs)
+    # autograd materialises missing output gradients as zeros, so every grad_output is a tensor
+    # mixed precision (autocast): do the small products in the gradients' dtype
+    dtype = grad_outputs[0].dtype
+    d_student = plan.student_grad_fn(teacher_block.to(dtype), student_block.to(dtype), *grad_outputs)
+    d_probs = apply_mask(d_student, valid).to(probs.dtype)
+    d_logits = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
+    scaling = plan.student.scaling
+    if grad_query is not None:
+        grad_query.copy_(torch.matmul(d_logits, key).mul_(scaling))
+    if grad_key is not None:
+        batch_heads = grad_key.shape[0] * grad_key.shape[1]
+        grad_key.view(batch_heads, *grad_key.shape[2:]).baddbmm_(
+            d_logits.reshape(batch_heads, *d_logits.shape[2:]).mT,
+            (q_rows * scaling).reshape(batch_heads, *q_rows.shape[2:]),
+        )
+    if grad_bias is not None:
+        grad_bias.add_(d_logits.sum_to_size(grad_bias.shape))
+
+
 def _block_outputs(plan: BlockPlan, start: int, view: AttentionInputs, extra_leaves: list[Tensor],
                    grad_outputs: Sequence[Tensor | None]) -> list[tuple[Tensor, Tensor]]:
     """A block's differentiable outputs, recomputed under autograd, with their incoming gradients."""
     teacher_block, student_block, valid = plan.pair(start, view)
-    if plan.student_grad_fn is not None:
-        # autograd materialises missing output gradients as zeros, so every grad_output is a tensor
-        # mixed precision (autocast): do the small products in the gradients' dtype, return the block's
-        dtype = grad_outputs[0].dtype
-        d_student = plan.student_grad_fn(
-            teacher_block.to(dtype), student_block.detach().to(dtype), *grad_outputs
-        )
-        return [(student_block, d_student.to(student_block.dtype))]
     outs = plan.stats_fn(teacher_block, student_block, valid, *extra_leaves)
     return [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
 
@@ -203,6 +255,7 @@ def blockwise_sum(
     block_size: int,
     dtype: torch.dtype,
     student_grad_fn: Callable[..., Tensor] | None = None,
+    name: str = "streaming loss",
 ) -> tuple[Tensor, ...]:
     """``sum over query blocks of stats_fn(T_b, S_b, valid_b, *extras)``, differentiable, one block at a time.
 
@@ -211,11 +264,13 @@ def blockwise_sum(
     (or None) and ``extras``, and returns a tuple of tensors whose shapes do not
     depend on the rows. Gradients reach the Student's query, key, bias and the extras.
     ``student_grad_fn(T_b, S_b, *grad_outputs)``, if given, returns ``dL/dS_b``
-    directly (only without extras).
+    directly (only without extras). Non-finite sums are a ValueError naming ``name`` and the
+    non-finite input (or the maps, when the inputs are finite). Masks that mask nothing are dropped.
     """
     if student_grad_fn is not None and extras:
         raise ValueError("blockwise_sum: student_grad_fn cannot give the gradients of extras")
-    plan = BlockPlan(teacher.detach(), student, block_size, dtype, stats_fn, student_grad_fn)
+    teacher, student = _drop_all_true_masks(teacher.detach()), _drop_all_true_masks(student)
+    plan = BlockPlan(teacher, student, block_size, dtype, stats_fn, student_grad_fn, name)
     return _BlockwiseSum.apply(plan, student.query, student.key, student.bias, *extras)
 
 
@@ -264,8 +319,6 @@ def prepare_streaming(
         if not x.query.is_floating_point() or not x.key.is_floating_point():
             raise TypeError(f"{name}: {label} query/key must be floating point; got {x.query.dtype}/{x.key.dtype}")
     check_map_shapes(teacher, student, name=name)
-    check_finite_inputs(teacher, "Teacher", name)
-    check_finite_inputs(student, "Student", name)
     out_dtype = torch.promote_types(teacher.query.dtype, student.query.dtype)
     work = torch.float32 if out_dtype in HALF_DTYPES else out_dtype
     return resolve_block_size(block_size, teacher, student), work, out_dtype

@@ -23,6 +23,14 @@ from torch import Tensor
 REDUCTIONS = ("paper", "mean")
 
 
+class NonFiniteError(ValueError):
+    """A model's logits, maps or Q/K/V hold NaN or infinite values; ``model`` is "teacher", "student" or None."""
+
+    def __init__(self, message: str, model: str | None = None) -> None:
+        super().__init__(message)
+        self.model = model
+
+
 #: Half-precision dtypes: losses compute them in float32 and return the input dtype.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -47,7 +55,7 @@ def check_maps(teacher: Tensor, student: Tensor, mask: Tensor | None = None, *, 
         )
     for label, t in (("teacher", teacher), ("student", student)):
         if not torch.isfinite(t.detach()).all():
-            raise ValueError(f"{name}: {label} maps {tuple(t.shape)} contain NaN or infinite values")
+            raise NonFiniteError(f"{name}: {label} maps {tuple(t.shape)} contain NaN or infinite values", label)
     return expand_mask(mask, (b_t, 1, q_t, k_t), name=name)
 
 

@@ -39,7 +39,7 @@ def explained_rows_loss(g_xy: Tensor, g_yy: Tensor, x_sq: Tensor, temperature: f
 def grams(explained: Tensor, explaining: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``X Y^T``, ``Y Y^T`` and ``|x_i|^2`` of one block (X explained by a mixture of Y's rows)."""
     x, y = flat(explained), flat(explaining)
-    return x @ y.mT, y @ y.mT, (x * x).sum(dim=-1)
+    return x @ y.mT, y @ y.mT, torch.linalg.vector_norm(x, dim=-1).square()
 
 
 def mse_grams(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,7 +48,7 @@ def mse_grams(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tenso
 
 def mse_student_grad(t: Tensor, s: Tensor, d_ts: Tensor, d_ss: Tensor, _d_t_sq: Tensor) -> Tensor:
     """``dL/dS_b`` from ``dL/dG_ts`` and ``dL/dG_ss``: ``dG_ts^T T_b + (dG_ss + dG_ss^T) S_b``."""
-    return torch.einsum("bij,birk->bjrk", d_ts, t).add_(torch.einsum("bjl,blrk->bjrk", d_ss + d_ss.mT, s))
+    return ((d_ss + d_ss.mT) @ flat(s)).baddbmm_(d_ts.mT, flat(t)).view(s.shape)
 
 
 def s2t_grams(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -57,4 +57,4 @@ def s2t_grams(t: Tensor, s: Tensor, valid: Tensor | None) -> tuple[Tensor, Tenso
 
 def s2t_student_grad(t: Tensor, s: Tensor, d_st: Tensor, _d_tt: Tensor, d_s_sq: Tensor) -> Tensor:
     """``dL/dS_b`` from ``dL/dG_st`` and ``dL/d|s_j|^2``: ``dG_st T_b + 2 d|s|^2 S_b``."""
-    return torch.einsum("bji,birk->bjrk", d_st, t).add_(s * (2 * d_s_sq[..., None, None]))
+    return (d_st @ flat(t)).addcmul_(flat(s), 2 * d_s_sq[..., None]).view(s.shape)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..attention import AttentionInputs
 from . import _gram
+from ._triton_amad import fused_per_sample, use_fused
 from ._blockwise import StatsFn, blockwise_sum, flat, masked_sum, outer, prepare_streaming, reduce_streaming, safe_sqrt
 from ._common import (
     HALF_DTYPES,
@@ -238,14 +239,14 @@ def _kl_terms(eps: float) -> StatsFn:
 
 
 def _kl_per_sample(teacher: AttentionInputs, student: AttentionInputs, block: int, work: torch.dtype,
-                   alignment: str, temperature: float, eps: float) -> Tensor:
+                   alignment: str, temperature: float, eps: float, name: str) -> Tensor:
     cosine = alignment == "cosine"
-    first = blockwise_sum(teacher, student, _kl_alignment_stats(cosine), block_size=block, dtype=work)
+    first = blockwise_sum(teacher, student, _kl_alignment_stats(cosine), block_size=block, dtype=work, name=name)
     g_ts, t_sum, s_sum = first[:3]
     scale = outer(safe_sqrt(first[3]), safe_sqrt(first[4])) if cosine else outer(t_sum, s_sum)
     weights = torch.softmax(safe_normalize(g_ts, scale) / temperature, dim=-1)
     (per_sample,) = blockwise_sum(
-        teacher, student, _kl_terms(eps), weights, t_sum, s_sum, block_size=block, dtype=work
+        teacher, student, _kl_terms(eps), weights, t_sum, s_sum, block_size=block, dtype=work, name=name
     )
     return per_sample
 
@@ -269,27 +270,34 @@ def streaming_amad(
     alignment: str | None = None,
     temperature: float = 1.0,
     eps: float = 1e-7,
+    kernel: str = "auto",
 ) -> Tensor:
     """Streaming :func:`amad.losses.amad` on recorded inputs; same value and gradients.
 
     ``block_size``: query rows per block (None: as many as fit ``2**22`` map
     entries per block). Variant 3 (``ProjectedAMAD``) has no streaming form: its
-    ``n x n`` projection is itself larger than a map.
+    ``n x n`` projection is itself larger than a map. ``kernel``: ``"auto"`` uses the
+    fused Triton kernels (``_triton_amad``) for supported CUDA inputs (never on CPU),
+    ``"triton"`` requires them, ``"torch"`` never uses them.
     """
     name = f"streaming amad({variant})"
     alignment = check_options(variant, reduction=reduction, alignment=alignment, temperature=temperature, eps=eps,
                               name=name)
     block, work, out_dtype = prepare_streaming(teacher, student, block_size, name)
     heads = student.num_heads if variant == "s2t" else teacher.num_heads
-    if variant in ("mse", "s2t"):
+    if use_fused(kernel, teacher, student, variant, name):
+        per_sample = fused_per_sample(teacher, student, variant=variant, alignment=alignment,
+                                      temperature=temperature, eps=eps)
+    elif variant in ("mse", "s2t"):
         grams, grad = (_gram.mse_grams, _gram.mse_student_grad) if variant == "mse" else (_gram.s2t_grams, _gram.s2t_student_grad)
-        g_xy, g_yy, x_sq = blockwise_sum(teacher, student, grams, block_size=block, dtype=work, student_grad_fn=grad)
+        g_xy, g_yy, x_sq = blockwise_sum(teacher, student, grams, block_size=block, dtype=work, student_grad_fn=grad,
+                                         name=name)
         per_sample = _gram.explained_rows_loss(g_xy, g_yy, x_sq, temperature)
     elif variant == "kl":
-        per_sample = _kl_per_sample(teacher, student, block, work, alignment, temperature, eps)
+        per_sample = _kl_per_sample(teacher, student, block, work, alignment, temperature, eps, name)
     else:
         terms = _token_terms(alignment, temperature, eps)
-        (per_sample,) = blockwise_sum(teacher, student, terms, block_size=block, dtype=work)
+        (per_sample,) = blockwise_sum(teacher, student, terms, block_size=block, dtype=work, name=name)
     return reduce_streaming(per_sample, heads, teacher, student, block, reduction, out_dtype)
 
 

@@ -40,6 +40,8 @@ class AttentionLoss(nn.Module):
     streaming_fn: Callable[..., Tensor] | None = None
     #: Why a loss without ``streaming_fn`` has no streaming form (required then; see :attr:`streams`).
     no_streaming_reason: str | None = None
+    #: For each required option: how to choose its value, with an example (shown when it is missing).
+    option_help: dict[str, str] = {}
 
     @property
     def streams(self) -> bool:

@@ -77,7 +77,8 @@ def streaming_head_mean(
     check_kind(kind, name="streaming head_mean")
     check_reduction(reduction, name="streaming head_mean")
     block, work, out_dtype = prepare_streaming(teacher, student, block_size, "streaming head_mean")
-    (per_sample,) = blockwise_sum(teacher, student, _head_mean_stats(kind), block_size=block, dtype=work)
+    (per_sample,) = blockwise_sum(teacher, student, _head_mean_stats(kind), block_size=block, dtype=work,
+                                  name="streaming head_mean")
     return reduce_streaming(per_sample, 1, teacher, student, block, reduction, out_dtype)
 
 

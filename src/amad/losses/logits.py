@@ -14,6 +14,16 @@ A position is padding where ``labels == ignore_index`` (if ``labels`` is
 given) or where ``mask`` is False (if given). The paper uses ``tau = 1``;
 by default the loss is not multiplied by ``tau^2`` (Hinton et al.'s gradient
 rescaling for ``tau != 1``): set ``scale_by_temperature_squared=True`` for it.
+
+Top-k KD (``top_k=k``, for large vocabularies): at each position the Teacher's
+``k`` largest logits ``I = topk(z_T, k)`` are renormalised among themselves,
+and the Student's full-vocabulary log-probabilities are read at those indices:
+
+    CE_k = - sum_{c in I} softmax(z_T[I] / tau)_c * log_softmax(z_S / tau)_c
+
+The Teacher's ``(B, L, V)`` probability tensor is never built (only
+``(B, L, k)``), and only ``k`` Teacher logits per position are needed, e.g.
+when they were stored offline. With ``k = V`` it is the full CE above.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_temperature
+from ._common import NonFiniteError, check_temperature
 
 __all__ = ["logit_kd"]
 
@@ -43,7 +53,7 @@ def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
         raise ValueError(f"logit_kd: logits are empty: shape {tuple(student_logits.shape)}")
     for label, z in (("student", student_logits), ("teacher", teacher_logits)):
         if not torch.isfinite(z.detach()).all():
-            raise ValueError(f"logit_kd: {label} logits {tuple(z.shape)} contain NaN or infinite values")
+            raise NonFiniteError(f"logit_kd: {label} logits {tuple(z.shape)} contain NaN or infinite values", label)
 
 
 def _valid_positions(logits: Tensor, labels: Tensor | None, mask: Tensor | None, ignore_index: int) -> Tensor | None:
@@ -63,6 +73,31 @@ def _valid_positions(logits: Tensor, labels: Tensor | None, mask: Tensor | None,
     return valid
 
 
+def _check_top_k(top_k: int | None, classes: int) -> None:
+    if top_k is None:
+        return
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"logit_kd: top_k must be None or an integer >= 1; got {top_k!r}")
+    if top_k > classes:
+        raise ValueError(f"logit_kd: top_k={top_k} is larger than the {classes} classes of the logits")
+
+
+def _teacher_target_and_student_log_probs(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, top_k: int | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(p_T, log p_S)`` over the full vocabulary, or over the Teacher's top-k indices (renormalised p_T).
+
+    Top-k: ``log p_S(c) = z_S[c] / tau - logsumexp(z_S / tau)``, so no ``(B, L, V)`` log-softmax is kept.
+    """
+    student = student_logits.to(dtype)
+    student = student / temperature if temperature != 1 else student
+    if top_k is None:
+        return torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1), torch.log_softmax(student, dim=-1)
+    values, indices = teacher_logits.topk(top_k, dim=-1)
+    log_pred = student.gather(-1, indices) - torch.logsumexp(student, dim=-1, keepdim=True)
+    return torch.softmax(values.to(dtype) / temperature, dim=-1), log_pred
+
+
 def logit_kd(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -73,6 +108,7 @@ def logit_kd(
     mask: Tensor | None = None,
     reduction: str = "sequence",
     scale_by_temperature_squared: bool = False,
+    top_k: int | None = None,
 ) -> Tensor:
     """``CE(softmax(z_T / tau), log_softmax(z_S / tau))``, summed over a sequence's valid tokens, mean over samples.
 
@@ -80,15 +116,16 @@ def logit_kd(
     labels: integer ``(B,)`` / ``(B, L)``; positions equal to ``ignore_index`` are ignored.
     mask: boolean ``(B,)`` / ``(B, L)``, True where a position counts.
     reduction: ``"sequence"`` or ``"token"`` (see the module doc).
+    top_k: None (every class) or ``k``: KD on the Teacher's ``k`` largest logits, renormalised (module doc).
     """
     _check_logits(student_logits, teacher_logits)
     check_temperature(temperature, name="logit_kd")
     if reduction not in REDUCTIONS:
         raise ValueError(f"logit_kd: reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    _check_top_k(top_k, student_logits.shape[-1])
     valid = _valid_positions(student_logits, labels, mask, ignore_index)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    target = torch.softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    log_pred = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    target, log_pred = _teacher_target_and_student_log_probs(student_logits, teacher_logits, temperature, top_k, dtype)
     ce = -(target * log_pred).sum(dim=-1)
     if valid is None:
         valid = torch.ones_like(ce, dtype=torch.bool)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..attention import AttentionInputs
-from ._common import reduce_per_sample
+from ._common import NonFiniteError, reduce_per_sample
 from .base import AttentionLoss
 from .registry import register
 
@@ -102,7 +102,9 @@ def _check_qkv(teacher_qkv: Sequence[Tensor | None], student_qkv: Sequence[Tenso
                     f"{_NAME}: {label} {slot.upper()} must be floating (B, H, L, d); got {x.dtype} {tuple(x.shape)}"
                 )
             if not torch.isfinite(x.detach()).all():
-                raise ValueError(f"{_NAME}: {label} {slot.upper()} {tuple(x.shape)} contains NaN or infinite values")
+                raise NonFiniteError(
+                    f"{_NAME}: {label} {slot.upper()} {tuple(x.shape)} contains NaN or infinite values", label.lower()
+                )
         if (t.shape[0], t.shape[2]) != (s.shape[0], s.shape[2]):
             raise ValueError(
                 f"{_NAME}: Teacher {slot.upper()} {tuple(t.shape)} and Student {slot.upper()} {tuple(s.shape)} "
@@ -212,6 +214,12 @@ class MiniLMRelationsLoss(AttentionLoss):
     no_streaming_reason = (
         "it needs no attention map: its relations come from Q/K/V directly, one (B, A_r, L, L) relation at a time"
     )
+
+    option_help = {
+        "num_relation_heads": "the number of heads the relations split Q, K and V into, the same for both models: "
+                              "it must divide both models' hidden sizes, e.g. attention_loss_options: "
+                              "{num_relation_heads: 4}",
+    }
 
     def __init__(self, *, num_relation_heads: int, relations: Sequence[str] = ("qq", "kk", "vv")) -> None:
         _check_num_relation_heads(num_relation_heads)

@@ -107,7 +107,8 @@ def streaming_one_to_one(
     check_reduction(reduction, name="streaming one_to_one")
     block, work, out_dtype = prepare_streaming(teacher, student, block_size, "streaming one_to_one")
     heads = min(teacher.num_heads, student.num_heads)
-    sums = blockwise_sum(teacher, student, _matched_stats(heads, kind), block_size=block, dtype=work)
+    sums = blockwise_sum(teacher, student, _matched_stats(heads, kind), block_size=block, dtype=work,
+                         name="streaming one_to_one")
     if kind == "kl":
         per_sample = sums[0]
     else:

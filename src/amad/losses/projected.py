@@ -32,6 +32,11 @@ class ProjectedAMAD(AttentionLoss):
     """
 
     no_streaming_reason = "its n x n projection (n = q*k) is itself larger than a map"
+    option_help = {
+        "n": "n = q*k, the entries of one attention map (q query rows times k keys), the same in every batch: "
+             "e.g. ViT on 224x224 images in 16x16 patches has q = k = 196 + 1 ([CLS]), n = 197*197 = 38809, "
+             "so attention_loss_options: {n: 38809}; text needs every row padded to one length L, n = L*L",
+    }
 
     def __init__(
         self,

@@ -30,6 +30,19 @@ def get(name: str, **options: Any) -> AttentionLoss:
     return factory(**options)
 
 
+def missing_options(name: str, options: dict[str, Any]) -> dict[str, str]:
+    """The required options of loss ``name`` not in ``options``, each with its ``option_help`` (or "")."""
+    import inspect
+
+    factory = _REGISTRY[name]
+    required = [
+        p.name for p in inspect.signature(factory).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    hints = getattr(factory, "option_help", {})
+    return {option: hints.get(option, "") for option in required if option not in options}
+
+
 def available() -> list[str]:
     """Names of all registered losses, sorted."""
     return sorted(_REGISTRY)

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..attention import AttentionInputs
 from ._blockwise import StatsFn, blockwise_sum, prepare_streaming, reduce_streaming, row_kl, teacher_blocks
-from ._common import apply_mask, check_maps, check_reduction, check_temperature, rownorm1
+from ._common import NonFiniteError, apply_mask, check_maps, check_reduction, check_temperature, rownorm1
 from .base import AttentionLoss, combined_mask
 from .one_to_one import matched_head_loss
 from .registry import register
@@ -109,7 +109,7 @@ def _check_values(values: Tensor, maps: Tensor, *, name: str) -> Tensor:
             "expected (B, H_t, k, d_v) with the maps' B, H_t and k"
         )
     if not torch.isfinite(values.detach()).all():
-        raise ValueError(f"{name}: Teacher values {tuple(values.shape)} contain NaN or infinite values")
+        raise NonFiniteError(f"{name}: Teacher values {tuple(values.shape)} contain NaN or infinite values", "teacher")
     return values.to(maps.dtype)
 
 
@@ -177,7 +177,9 @@ def _teacher_values(teacher: AttentionInputs, dtype: torch.dtype) -> Tensor:
             f"got {values.dtype} {tuple(values.shape)}"
         )
     if not torch.isfinite(values).all():
-        raise ValueError(f"streaming shd: Teacher values {tuple(values.shape)} contain NaN or infinite values")
+        raise NonFiniteError(
+            f"streaming shd: Teacher values {tuple(values.shape)} contain NaN or infinite values", "teacher"
+        )
     return values.detach().to(dtype)
 
 
@@ -244,7 +246,7 @@ def streaming_shd(
         _teacher_values(teacher, work)  # the same error as the map form when values are missing
     heads = min(teacher.num_heads, student.num_heads)
     stats = _shd_stats(temperature, heads, coeffs)
-    (per_sample,) = blockwise_sum(teacher, student, stats, block_size=block, dtype=work)
+    (per_sample,) = blockwise_sum(teacher, student, stats, block_size=block, dtype=work, name="streaming shd")
     return reduce_streaming(per_sample, heads, teacher, student, block, reduction, out_dtype)
 
 
