@@ -3,6 +3,7 @@ the fair table, and that factor 1 of the grid is exactly alpha "auto"."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -31,10 +32,22 @@ def test_paired_difference_matches_hand_computation() -> None:
     assert diff.n == 3  # seed 7 has no reference: not paired
     assert diff.mean == pytest.approx(11 / 3, abs=1e-12)
     assert (diff.low, diff.high) == (pytest.approx(11 / 3 - half, abs=1e-12), pytest.approx(11 / 3 + half, abs=1e-12))
-    assert diff.format() == f"+3.67 [{11 / 3 - half:+.2f}, {11 / 3 + half:+.2f}]"
+    assert diff.format(signed=True) == f"+3.67 [{11 / 3 - half:+.2f}, {11 / 3 + half:+.2f}]"
     one = report.paired_difference({0: 2.0}, {0: 1.5})
-    assert (one.mean, one.low, one.n, one.format()) == (0.5, None, 1, "+0.50 [n/a]")
+    assert (one.mean, one.low, one.n, one.format(signed=True)) == (0.5, None, 1, "+0.50 [n/a]")
     assert report.paired_difference({0: 1.0}, {1: 1.0}) is None
+
+
+def test_t_interval_of_known_numbers() -> None:
+    # (1, 2, 3, 4, 5): mean 3, sample sd sqrt(2.5), s.e. sqrt(0.5); t(0.975, df 4) = 2.7764451051977987 (tables)
+    interval = report.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.7764451051977987 * math.sqrt(0.5)
+    assert (interval.mean, interval.n) == (3.0, 5)
+    assert (interval.low, interval.high) == (pytest.approx(3 - half, abs=1e-12), pytest.approx(3 + half, abs=1e-12))
+    assert interval.format() == f"3.00 [{3 - half:.2f}, {3 + half:.2f}]"
+    assert report.t_interval([4.0]).format() == "4.00 [n/a]"
+    with pytest.raises(ValueError, match="confidence"):
+        report.t_interval([1.0, 2.0], confidence=1.0)
 
 
 def test_grid_names_parse_and_expand() -> None:
@@ -94,20 +107,40 @@ def test_grid_tie_goes_to_the_factor_closest_to_one() -> None:
     assert choice.factor == 3.0 and not choice.complete  # x1 now has one seed (mean 10); 3 beats 0.3 on |log|, size
 
 
-def test_fair_table_columns_and_numbers() -> None:
-    text = fair_report.render_fair_tables(_grid_case(), method_order=["gt", "kd", "kd+amad-kl"])
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert rows[0] == ("| method | accuracy (%): test | - kd, paired [95% CI] | alpha factor | test over grid: worst / "
-                       "best | validation over grid: worst / best | paper |")
-    assert rows[1] == "| kd | 52.00 +- 1.15 (n=3) | reference | - | - | - | 66.39 |"
-    # chosen x0.3: test 40, 42, 38 (mean 40, s.e. 2/sqrt(3) = 1.15); paired with kd: d = -10, -10, -16
+def test_fair_table_columns_and_numbers(tmp_path: Path) -> None:
+    records = _grid_case()
+    text = fair_report.render_fair_tables(records, method_order=["gt", "kd", "kd+amad-kl"])
+    table = text[text.index("## vqa"):]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert rows[0] == ("| method | accuracy (%): test [95% CI] | - kd, paired [95% CI] | alpha factor | sensitivity, "
+                       "test: worst / best factor | validation: worst / best factor | paper |")
+    t2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t(0.975, df 2)
+    kd_half = t2 * 2 / math.sqrt(3)  # kd test 50, 52, 54: s.e. 2 / sqrt(3)
+    assert rows[1] == f"| kd | 52.00 [{52 - kd_half:.2f}, {52 + kd_half:.2f}] (n=3) | reference | - | - | - | 66.39 |"
+    # chosen x0.3: test 40, 42, 38 (mean 40, s.e. 2/sqrt(3)); paired with kd: d = -10, -10, -16
     d = [-10.0, -10.0, -16.0]
     mean, se = sum(d) / 3, math.sqrt(sum((x + 12) ** 2 for x in d) / 2 / 3)
-    half = 0.95 / math.sqrt(2 * 0.975 * 0.025) * se
-    assert rows[2] == (f"| kd+amad-kl | 40.00 +- 1.15 (n=3) | {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] | "
+    half = t2 * se
+    assert rows[2] == (f"| kd+amad-kl | 40.00 [{40 - kd_half:.2f}, {40 + kd_half:.2f}] (n=3) | "
+                       f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] | "
                        "x0.3 | 40.00 (x0.3) / 80.00 (x3) | 50.00 (x1) / 60.00 (x0.3) | 67.79 |")
-    assert rows[3] == "| kd+amad-kl@paper | 53.00 +- 1.15 (n=3) | +1.00 [+1.00, +1.00] | paper | - | - | 67.79 |"
+    assert rows[3].startswith("| kd+amad-kl@paper | 53.00 [") and rows[3].endswith(
+        "| +1.00 [+1.00, +1.00] | paper | - | - | 67.79 |")
     assert "alpha chosen on: validation accuracy (%)." in text
+    # the summary names the best attention loss by test mean (the @paper row here) and the best AMAD variant
+    summary = next(line for line in text.splitlines() if line.startswith("| vqa |"))
+    assert "kd+amad-kl@paper (paper): 53.00 [" in summary and "vs kd +1.00 [+1.00, +1.00]" in summary
+
+    out = fair_report.write_fair_markdown(tmp_path / "results.md", records, title="t",
+                                          method_order=["gt", "kd", "kd+amad-kl"])
+    data = json.loads((tmp_path / "results_fair.json").read_text())
+    assert out.read_text().startswith("# t") and data["selection_metric"] == {"vqa": "val_accuracy"}
+    row = next(r for r in data["rows"] if r["method"] == "kd+amad-kl")
+    assert (row["cell"], row["alpha"], row["paper"]) == ("kd+amad-kl@x0.3", "x0.3", "67.79")
+    assert row["test"]["mean"] == pytest.approx(40.0) and row["vs_kd"]["mean"] == pytest.approx(mean)
+    assert row["vs_kd"]["ci_low"] == pytest.approx(mean - half)
+    assert row["sensitivity"]["test"] == {"worst": {"factor": 0.3, "mean": pytest.approx(40.0)},
+                                          "best": {"factor": 3.0, "mean": pytest.approx(80.0)}}
 
 
 def test_factor_one_is_alpha_auto(tmp_path: Path) -> None:
@@ -147,28 +180,87 @@ def test_factor_one_is_alpha_auto(tmp_path: Path) -> None:
         measure_auto_alpha(once, lambda callbacks: None)
 
 
-def _die_once(job: tuple[str, int]) -> dict:
-    """A worker's job that kills its process the first time job 1 runs (like the out-of-memory killer)."""
-    import os
+class _ThreadPool:
+    """The rebuild logic of :class:`amad.bench.runner.Pool` without spawning processes: threads, and a job that
+    raises BrokenProcessPool as a future does when its worker process died."""
 
-    marker = Path(job[0]) / f"{job[1]}.started"
-    if job[1] == 1 and not marker.exists():
-        marker.touch()
-        os._exit(1)
-    return {"value": job[1]}
+    @staticmethod
+    def make(rebuilds: int, marker: Path):
+        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        from amad.bench.runner import Pool
+
+        def work(job: int) -> dict:
+            if job == 1 and not marker.exists():
+                marker.touch()
+                raise BrokenProcessPool("a worker died")
+            return {"value": job}
+
+        class ThreadPool(Pool):
+            built = 0
+
+            def _executor(self):
+                ThreadPool.built += 1
+                return ThreadPoolExecutor(self.jobs)
+
+        return ThreadPool(2, 1, work=work, rebuilds=rebuilds)
 
 
 def test_pool_reruns_the_jobs_of_a_dead_worker(tmp_path: Path) -> None:
-    from amad.bench.runner import Pool
-
     done: dict[int, tuple] = {}
-    pool = Pool(2, 1, work=_die_once)
-    pool.run([(str(tmp_path), i) for i in range(3)], lambda job, result, error: done.update({job[1]: (result, error)}))
+    pool = _ThreadPool.make(2, tmp_path / "died")
+    pool.run(range(3), lambda job, result, error: done.update({job: (result, error)}))
     pool.close()
-    assert done == {i: ({"value": i}, None) for i in range(3)}
-    (tmp_path / "1.started").unlink()
+    assert done == {i: ({"value": i}, None) for i in range(3)} and type(pool).built == 2  # rebuilt once
     failed: dict[int, str] = {}
-    pool = Pool(2, 1, work=_die_once, rebuilds=0)
-    pool.run([(str(tmp_path), 1)], lambda job, result, error: failed.update({job[1]: error}))
+    pool = _ThreadPool.make(0, tmp_path / "died-again")
+    pool.run([1], lambda job, result, error: failed.update({job: error}))
     pool.close()
-    assert "BrokenProcessPool" in failed[1]
+    assert "BrokenProcessPool" in failed[1] and type(pool).built == 1  # no rebuild allowed: reported failed
+
+
+def test_protocol_end_to_end_and_an_interrupted_run_gives_the_same_table(tmp_path: Path) -> None:
+    """Tiny VQA, logit KD and AMAD kl on a grid of 2 factors, 2 seeds: the run is interrupted after its third cell,
+    resumed, and then one finished cell is dropped and run again; the table and its JSON come out the same."""
+    from amad.bench.runner import DemoSettings, run_demo
+
+    out = tmp_path / "fair"
+    lines: list[str] = []
+
+    def settings(echo) -> DemoSettings:
+        return DemoSettings(out=out, scale="tiny", seeds=2, tasks=["vqa"], methods=["kd", "amad-kl"], jobs=1,
+                            plots=False, echo=echo, alpha_grid=(0.5, 2.0), paper_alpha=False)
+
+    def interrupt_after_three(line: str) -> None:
+        lines.append(line)
+        if sum(line.startswith("cell ") for line in lines) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(settings(interrupt_after_three))
+    assert len({(r["method"], r["seed"]) for r in report.load_results(out / "results.json")
+                if r["method"] != "teacher"}) == 3
+    lines = []
+    summary = run_demo(settings(lines.append))
+    assert len(summary.skipped) == 3 and len(summary.trained) == 3 and not summary.failed
+    assert any(line.startswith("cell 3/3 ") and "eta" in line for line in lines)  # progress
+    records = report.load_results(out / "results.json")
+    for seed in (0, 1):  # the two factors scale one measured alpha "auto": they train different Students
+        auto = json.loads((out / "cache" / "alpha" / f"vqa__kd_amad-kl__seed{seed}.json").read_text())["alpha_auto"]
+        assert len(auto) == 3 and all(a > 0 for a in auto)
+    table, fair_json = (out / "results.md").read_text(), (out / "results_fair.json").read_text()
+    data = json.loads(fair_json)
+    row = next(r for r in data["rows"] if r["method"] == "kd+amad-kl" and r["metric"] == "accuracy")
+    validation = {f: sum(r["value"] for r in records if r["method"] == f"kd+amad-kl@x{f:g}"
+                         and r["metric"] == "val_accuracy") / 2 for f in (0.5, 2.0)}
+    best = max(validation.values())
+    assert float(row["alpha"][1:]) == min((f for f, v in validation.items() if v == best), key=lambda f: abs(math.log(f)))
+    assert row["test"]["n"] == 2 and row["vs_kd"]["n"] == 2 and row["sensitivity"]["test"] is not None
+
+    dropped = [r for r in records if not (r["method"] == "kd+amad-kl@x2" and r["seed"] == 1)]
+    (out / "results.json").write_text(json.dumps(dropped))
+    (out / "results.md").unlink()
+    summary = run_demo(settings(lambda line: None))
+    assert summary.trained == [("vqa", "kd+amad-kl@x2", 1)]
+    assert (out / "results.md").read_text() == table and (out / "results_fair.json").read_text() == fair_json

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data/model/step budget: tiny (tests), quick (= --quick) or full (default)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 2 with --quick, else 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="train seeds FIRST .. FIRST + SEEDS - 1 (default 0): split a run by seed into commands "
+                             "that write the same --out one after the other")
     parser.add_argument("--tasks", nargs="+", choices=SETTINGS, default=None, metavar="TASK", help="task settings")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help="methods to train")
     parser.add_argument("--jobs", type=int, default=None,
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return main_from_args(args, parser)
     scale = "quick" if args.quick else (args.scale or "full")
     seeds = args.seeds if args.seeds is not None else (2 if scale in ("quick", "tiny") else 3)
-    if seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {seeds}")
+    if seeds < 1 or args.first_seed < 0:
+        parser.error(f"--seeds must be >= 1 and --first-seed >= 0, got {seeds} and {args.first_seed}")
     methods = args.methods or list(METHODS)
     for method in methods:
         try:
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if jobs < 1 or args.threads < 0:
         parser.error("--jobs must be >= 1 and --threads >= 0")
     tasks = args.tasks or list(DEFAULT_SETTINGS["quick" if scale in ("quick", "tiny") else "full"])
-    summary = run_demo(DemoSettings(out=args.out, scale=scale, seeds=seeds, tasks=tasks, methods=methods,
+    summary = run_demo(DemoSettings(out=args.out, scale=scale, seeds=seeds, first_seed=args.first_seed, tasks=tasks,
+                                    methods=methods,
                                     jobs=jobs, threads=args.threads, plots=not args.no_plots,
                                     alpha_grid=args.alpha_grid, paper_alpha=args.paper_alpha))
     return 1 if summary.failed else 0

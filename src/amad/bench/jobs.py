@@ -193,7 +193,8 @@ def fit(model: nn.Module, rows: Sequence[dict], collate: Callable, budget: Budge
 
 
 def build_distiller(teacher: nn.Module, student: nn.Module, method: Method, probe: dict,
-                    alpha: float | str | Sequence[float] = "auto", options: dict | None = None) -> nn.Module:
+                    alpha: float | str | Sequence[float] = "auto", options: dict | None = None,
+                    alpha_batches: int = 8) -> nn.Module:
     """The Distiller of a method (KD or ground truth, plus the attention loss on the last layer of every
     shared stack); ``amad-projected`` gets a projection of the right size ``q*k`` for each layer pair.
     ``options``: loss options on top of :data:`LOSS_OPTIONS` (e.g. the paper's reduction)."""
@@ -206,7 +207,7 @@ def build_distiller(teacher: nn.Module, student: nn.Module, method: Method, prob
         options["n"] = sizes[0]
     distiller = Distiller(teacher, student, attention_loss=method.attention_loss, alpha=alpha,
                           kd_weight=method.kd_weight, gt_weight=method.gt_weight,
-                          attention_loss_options=options)
+                          attention_loss_options=options, alpha_batches=alpha_batches)
     for i, n in enumerate(sizes):
         if distiller.attention_losses[i].n != n:
             distiller.attention_losses[i] = ProjectedAMAD(n, **{k: v for k, v in options.items() if k != "n"})
@@ -331,14 +332,15 @@ def _cell_job(setting: Any, data: TaskData, budget: Budget, out: Path, seed: int
     probe = collate(data.train[: budget.batch_size])
 
     def measure() -> list[float]:  # alpha "auto" on this cell's own first batches
-        distiller = build_distiller(teacher, initial_student(setting, data, budget, out, seed), method, probe)
+        distiller = build_distiller(teacher, initial_student(setting, data, budget, out, seed), method, probe,
+                                    alpha_batches=budget.alpha_batches)
         return measure_auto_alpha(distiller, lambda callbacks: fit(distiller, data.train, collate, budget,
                                                                    budget.student_steps, seed, callbacks))
 
     alpha, options = cell_alpha(variant, lambda: cached_auto_alpha(alpha_path(out, setting.name, method.name, seed),
                                                                    measure))
     student = initial_student(setting, data, budget, out, seed)
-    distiller = build_distiller(teacher, student, method, probe, alpha, options)
+    distiller = build_distiller(teacher, student, method, probe, alpha, options, budget.alpha_batches)
     fit(distiller, data.train, collate, budget, budget.student_steps, seed)
     scores = with_validation(task.evaluate(distiller.student, data, budget),
                              task.evaluate(distiller.student, data, budget, "validation"))

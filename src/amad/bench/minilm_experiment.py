@@ -78,11 +78,12 @@ class TextBudget:
     other_domain: int = 400  # standard-library docstring sentences (amad.bench.stdlib_text), the same for every seed
     max_train: int = 0  # 0: every remaining sentence
     embedding_loss: str = "cosine"
+    alpha_batches: int = 8  # random training batches alpha "auto" is measured on (the Distiller's default)
 
 
 BUDGETS: dict[str, TextBudget] = {
     "tiny": TextBudget(("h4-d256-l3",), steps=2, batch_size=4, held_out=12, validation=8, other_domain=12,
-                       max_train=16),
+                       max_train=16, alpha_batches=2),
     "quick": TextBudget(("h4-d256-l3",), steps=400, batch_size=16),
     "full": TextBudget(FULL_SETTINGS, steps=600, batch_size=16),
 }
@@ -219,7 +220,8 @@ class TextExperiment:
         loss = parse_method(method).attention_loss
         options = {**loss_options(loss, setting.shape, self.teacher.config.hidden_size), **(options or {})}
         return Distiller(self.teacher, student, attention_loss=loss, layers=setting.layers, alpha=alpha,
-                         output_loss=EmbeddingLoss(self.budget.embedding_loss), attention_loss_options=options)
+                         output_loss=EmbeddingLoss(self.budget.embedding_loss), attention_loss_options=options,
+                         alpha_batches=self.budget.alpha_batches)
 
     def train(self, distiller: nn.Module, data: SeedData, seed: int, callbacks: Sequence[Any] = ()) -> None:
         from transformers import PrinterCallback

@@ -28,7 +28,7 @@ from .jobs import fingerprint, parse_method, snapshot_path
 from .minilm_experiment import (  # noqa: F401  (BUDGETS, TextExperiment: used by benchmarks/)
     BUDGETS, DEFAULT_SEEDS, FULL_SETTINGS, UNTRAINED, TextBudget, TextExperiment, parse_setting,
 )
-from .runner import DemoSummary, Pool, _check_run_file, _duration, write_plots
+from .runner import DemoSummary, Pool, _check_run_file, _duration, seed_range, write_plots
 
 TASK_PREFIX = "minilm-text"
 METHODS: tuple[str, ...] = (
@@ -62,6 +62,7 @@ class TextDemoSettings:
     out: Path
     scale: str = "quick"
     seeds: int = 1
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (to split a run by seed)
     methods: Sequence[str] = METHODS
     students: Sequence[str] | None = None  # settings; None: the scale's
     jobs: int = 1
@@ -122,9 +123,10 @@ def _checked(settings: TextDemoSettings) -> tuple[TextBudget, list[str]]:
     if settings.students:
         budget = replace(budget, students=tuple(parse_setting(s).name for s in settings.students))
     methods = [parse_method(m).name for m in settings.methods]
-    if any(m in _UNSUPPORTED for m in methods) or not methods or settings.seeds < 1:
-        raise ValueError(f"the real demo needs kd or kd+<loss> methods and seeds >= 1 (not {_UNSUPPORTED}: "
-                         f"{_UNSUPPORTED_WHY}); got methods {methods}, seeds {settings.seeds}")
+    if any(m in _UNSUPPORTED for m in methods) or not methods or settings.seeds < 1 or settings.first_seed < 0:
+        raise ValueError(f"the real demo needs kd or kd+<loss> methods and seeds >= 1, first seed >= 0 (not {_UNSUPPORTED}: "
+                         f"{_UNSUPPORTED_WHY}); got methods {methods}, seeds {settings.seeds}, first seed "
+                         f"{settings.first_seed}")
     return budget, [UNTRAINED, *expand_methods(methods, settings.alpha_grid, settings.paper_alpha)]
 
 
@@ -140,7 +142,7 @@ def run_text_demo(settings: TextDemoSettings) -> DemoSummary:
 
     results_path = out / "results.json"
     done = {(r["task"], r["method"], r["seed"]) for r in report.load_results(results_path)}
-    cells = [(s, m, seed) for seed in range(settings.seeds) for s in budget.students for m in methods]
+    cells = [(s, m, seed) for seed in seed_range(settings) for s in budget.students for m in methods]
     keys = [(task_name(s), m, seed) for s, m, seed in cells]
     todo = [cell for cell, key in zip(cells, keys) if key not in done]
     skipped = [key for key in keys if key in done]
@@ -230,7 +232,8 @@ def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     scale = "quick" if args.quick else (args.scale or "full")
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[scale]
     jobs = args.jobs if args.jobs is not None else max(1, min(os.cpu_count() or 1, 4))
-    settings = TextDemoSettings(out=args.out, scale=scale, seeds=seeds, methods=args.methods or list(METHODS),
+    settings = TextDemoSettings(out=args.out, scale=scale, seeds=seeds, first_seed=args.first_seed,
+                                methods=args.methods or list(METHODS),
                                 students=args.students, jobs=jobs, threads=args.threads, plots=not args.no_plots,
                                 alpha_grid=args.alpha_grid, paper_alpha=args.paper_alpha)
     try:

@@ -160,34 +160,42 @@ def t_quantile(probability: float, df: int) -> float:
 
 
 @dataclass(frozen=True)
-class PairedDifference:
-    """Mean over seeds of ``value(seed) - reference(seed)`` and its confidence interval (None when n < 2)."""
+class Interval:
+    """A mean over seeds and its confidence interval (``low``/``high`` None when n < 2)."""
 
     mean: float
     low: float | None
     high: float | None
     n: int
 
-    def format(self, digits: int = 2) -> str:
-        interval = "n/a" if self.low is None else f"{self.low:+.{digits}f}, {self.high:+.{digits}f}"
-        return f"{self.mean:+.{digits}f} [{interval}]"
+    def format(self, digits: int = 2, signed: bool = False) -> str:
+        sign = "+" if signed else ""
+        interval = "n/a" if self.low is None else f"{self.low:{sign}.{digits}f}, {self.high:{sign}.{digits}f}"
+        return f"{self.mean:{sign}.{digits}f} [{interval}]"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "n": self.n}
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """``mean +- t * se`` with ``t`` the ``(1 + confidence) / 2`` quantile of Student's t with ``n - 1`` degrees
+    of freedom and ``se = sd / sqrt(n)`` (sample sd); no interval when n < 2."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
+    mean, stderr = mean_stderr(values)
+    if stderr is None:
+        return Interval(mean, None, None, len(values))
+    half = t_quantile((1 + confidence) / 2, len(values) - 1) * stderr
+    return Interval(mean, mean - half, mean + half, len(values))
 
 
 def paired_difference(values: dict[int, float], reference: dict[int, float],
-                      confidence: float = 0.95) -> PairedDifference | None:
-    """Paired difference over the seeds both have: ``d_s = values[s] - reference[s]``, ``mean(d) +- t * se(d)``
-    with ``t`` the ``(1 + confidence) / 2`` quantile of Student's t with ``n - 1`` degrees of freedom and
-    ``se = sd(d) / sqrt(n)`` (sample sd); None when no seed is shared."""
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
+                      confidence: float = 0.95) -> Interval | None:
+    """:func:`t_interval` of ``d_s = values[s] - reference[s]`` over the seeds both have; None when none is shared."""
     seeds = sorted(set(values) & set(reference))
     if not seeds:
         return None
-    mean, stderr = mean_stderr([values[s] - reference[s] for s in seeds])
-    if stderr is None:
-        return PairedDifference(mean, None, None, 1)
-    half = t_quantile((1 + confidence) / 2, len(seeds) - 1) * stderr
-    return PairedDifference(mean, mean - half, mean + half, len(seeds))
+    return t_interval([values[s] - reference[s] for s in seeds], confidence)
 
 
 @dataclass(frozen=True)

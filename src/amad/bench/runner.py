@@ -28,6 +28,7 @@ class DemoSettings:
     out: Path
     scale: str = "quick"
     seeds: int = 2
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (to split a run by seed)
     tasks: Sequence[str] = ()
     methods: Sequence[str] = METHODS
     jobs: int = 1
@@ -61,6 +62,11 @@ def _timing(result: dict) -> str:
 
 def _format_scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) or "done"
+
+
+def seed_range(settings: Any) -> range:
+    """The seeds a run trains: ``first_seed .. first_seed + seeds - 1``."""
+    return range(settings.first_seed, settings.first_seed + settings.seeds)
 
 
 class Pool:
@@ -146,13 +152,13 @@ def _plan(settings: DemoSettings, out: Path) -> _Plan:
     task_settings = [get_setting(name) for name in settings.tasks]
     methods = expand_methods([parse_method(m).name for m in settings.methods], settings.alpha_grid,
                              settings.paper_alpha)
-    if not task_settings or not methods or settings.seeds < 1:
-        raise ValueError("the demo needs at least one task, one method and one seed")
+    if not task_settings or not methods or settings.seeds < 1 or settings.first_seed < 0:
+        raise ValueError("the demo needs at least one task, one method, one seed and a first seed >= 0")
     budgets = {s.task.name: s.task.budget(settings.scale) for s in task_settings}
     _check_run_file(out, settings.scale, {name: fingerprint(asdict(b)) for name, b in budgets.items()})
 
     done = {(r["task"], r["method"], r["seed"]) for r in report.load_results(out / "results.json")}
-    cells = [(s.name, m, seed) for s in task_settings for seed in range(settings.seeds) for m in methods]
+    cells = [(s.name, m, seed) for s in task_settings for seed in seed_range(settings) for m in methods]
     todo = [c for c in cells if c not in done]
     need = {get_setting(t).task.name for t, _, _ in todo}
     need |= {s.task.name for s in task_settings if (s.name, "teacher", 0) not in done}

@@ -72,6 +72,7 @@ class Budget:
     eval_batch_size: int = 128
     max_test_examples: int = 1000  # also the most validation examples
     validation_images: int = 0  # carved out of the train_images: the grid of alphas is chosen on them
+    alpha_batches: int = 8  # random training batches alpha "auto" is measured on (the Distiller's default)
 
     def key(self, role: str) -> dict[str, Any]:
         """The fields a cached product depends on: "data", "teacher" or "pretrain"ed Student."""
@@ -223,7 +224,7 @@ class DemoTask(ABC):
         teacher, student = self.model_sizes(scale)
         return Budget(train, test, teacher, student, t_steps, s_steps, p_steps, batch, learning_rate=1e-3,
                       eval_batch_size=128, max_test_examples=self.test_examples if scale != "tiny" else 16,
-                      validation_images=_VALIDATION[scale])
+                      validation_images=_VALIDATION[scale], alpha_batches=2 if scale == "tiny" else 8)
 
     def model_sizes(self, scale: str) -> tuple[dict, dict]:
         return _VLT5[scale]
