@@ -255,7 +255,8 @@ def test_protocol_end_to_end_and_an_interrupted_run_gives_the_same_table(tmp_pat
     validation = {f: sum(r["value"] for r in records if r["method"] == f"kd+amad-kl@x{f:g}"
                          and r["metric"] == "val_accuracy") / 2 for f in (0.5, 2.0)}
     best = max(validation.values())
-    assert float(row["alpha"][1:]) == min((f for f, v in validation.items() if v == best), key=lambda f: abs(math.log(f)))
+    chosen = min((f for f, v in validation.items() if v == best), key=lambda f: abs(math.log(f)))
+    assert float(row["alpha"][1:]) == chosen
     assert row["test"]["n"] == 2 and row["vs_kd"]["n"] == 2 and row["sensitivity"]["test"] is not None
 
     dropped = [r for r in records if not (r["method"] == "kd+amad-kl@x2" and r["seed"] == 1)]

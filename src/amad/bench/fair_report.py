@@ -163,13 +163,16 @@ def _summary_markdown(summary: Sequence[dict[str, Any]]) -> list[str]:
     def named(entry: dict[str, Any] | None) -> str:
         if entry is None:
             return "n/a"
-        return f"{entry['method']} ({entry['alpha']}): {_interval(entry['test'])}, vs kd {_interval(entry['vs_kd'], True)}"
+        paired = _interval(entry["vs_kd"], signed=True)
+        return f"{entry['method']} ({entry['alpha']}): {_interval(entry['test'])}, vs kd {paired}"
 
-    lines = ["## Summary", "", "| setting | metric | kd | best attention loss | best AMAD variant |", "|---|---|---|---|---|"]
+    lines = ["## Summary", "", "| setting | metric | kd | best attention loss | best AMAD variant |",
+             "|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['task']} | {report.metric_label(s['metric'])} | {_interval(s['kd'])} | {named(s['best'])} | "
-                     f"{named(s['best_amad'])} |")
-    return lines + ["", "A difference whose interval excludes 0 is the only kind this report calls a win or a loss.", ""]
+        lines.append(f"| {s['task']} | {report.metric_label(s['metric'])} | {_interval(s['kd'])} | "
+                     f"{named(s['best'])} | {named(s['best_amad'])} |")
+    return lines + ["", "Best = highest test mean (a description, not a selection: alpha is chosen on validation). "
+                    "A difference to kd counts as a win or a loss only when its 95 % interval excludes 0.", ""]
 
 
 def render_fair_tables(records: Sequence[dict[str, Any]], *, task_order: Sequence[str] = (),

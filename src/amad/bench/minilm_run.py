@@ -124,9 +124,9 @@ def _checked(settings: TextDemoSettings) -> tuple[TextBudget, list[str]]:
         budget = replace(budget, students=tuple(parse_setting(s).name for s in settings.students))
     methods = [parse_method(m).name for m in settings.methods]
     if any(m in _UNSUPPORTED for m in methods) or not methods or settings.seeds < 1 or settings.first_seed < 0:
-        raise ValueError(f"the real demo needs kd or kd+<loss> methods and seeds >= 1, first seed >= 0 (not {_UNSUPPORTED}: "
-                         f"{_UNSUPPORTED_WHY}); got methods {methods}, seeds {settings.seeds}, first seed "
-                         f"{settings.first_seed}")
+        raise ValueError(f"the real demo needs kd or kd+<loss> methods, seeds >= 1 and first seed >= 0 (not "
+                         f"{_UNSUPPORTED}: {_UNSUPPORTED_WHY}); got methods {methods}, seeds {settings.seeds}, "
+                         f"first seed {settings.first_seed}")
     return budget, [UNTRAINED, *expand_methods(methods, settings.alpha_grid, settings.paper_alpha)]
 
 
