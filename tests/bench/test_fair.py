@@ -220,6 +220,7 @@ def test_pool_reruns_the_jobs_of_a_dead_worker(tmp_path: Path) -> None:
     assert "BrokenProcessPool" in failed[1] and type(pool).built == 1  # no rebuild allowed: reported failed
 
 
+@pytest.mark.slow  # about 100 s on 2 quiet cores; test_demo.py runs the protocol end to end on a 1-point grid
 def test_protocol_end_to_end_and_an_interrupted_run_gives_the_same_table(tmp_path: Path) -> None:
     """Tiny VQA, logit KD and AMAD kl on a grid of 2 factors, 2 seeds: the run is interrupted after its third cell,
     resumed, and then one finished cell is dropped and run again; the table and its JSON come out the same."""
