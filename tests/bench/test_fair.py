@@ -266,3 +266,14 @@ def test_protocol_end_to_end_and_an_interrupted_run_gives_the_same_table(tmp_pat
     summary = run_demo(settings(lambda line: None))
     assert summary.trained == [("vqa", "kd+amad-kl@x2", 1)]
     assert (out / "results.md").read_text() == table and (out / "results_fair.json").read_text() == fair_json
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    from amad.bench.runner import run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(RuntimeError, match="another amad demo is running on"):
+            with run_lock(tmp_path):
+                pass
+    with run_lock(tmp_path):  # released when the first run ended
+        pass

@@ -28,7 +28,7 @@ from .jobs import fingerprint, parse_method, snapshot_path
 from .minilm_experiment import (  # noqa: F401  (BUDGETS, TextExperiment: used by benchmarks/)
     BUDGETS, DEFAULT_SEEDS, FULL_SETTINGS, UNTRAINED, TextBudget, TextExperiment, parse_setting,
 )
-from .runner import DemoSummary, Pool, _check_run_file, _duration, seed_range, write_plots
+from .runner import DemoSummary, Pool, _check_run_file, _duration, run_lock, seed_range, write_plots
 
 TASK_PREFIX = "minilm-text"
 METHODS: tuple[str, ...] = (
@@ -132,6 +132,11 @@ def _checked(settings: TextDemoSettings) -> tuple[TextBudget, list[str]]:
 
 def run_text_demo(settings: TextDemoSettings) -> DemoSummary:
     """Run every cell not yet in ``OUT/results.json``; write the table and plots; return what happened."""
+    with run_lock(Path(settings.out)):
+        return _run_text_demo(settings)
+
+
+def _run_text_demo(settings: TextDemoSettings) -> DemoSummary:
     started = time.perf_counter()
     out, echo = Path(settings.out), settings.echo
     budget, methods = _checked(settings)
