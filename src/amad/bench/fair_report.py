@@ -202,7 +202,7 @@ def render_fair_tables(records: Sequence[dict[str, Any]], *, task_order: Sequenc
                     factor += " (incomplete)"
                 spans = ([_span(row["sensitivity"]["test"]), _span(row["sensitivity"]["validation"])]
                          if row["sensitivity"] else ["-", "-"])
-                paired = "reference" if row["method"] == REFERENCE else _interval(row["vs_kd"], signed=True)
+                paired = {REFERENCE: "reference", "teacher": "-"}.get(row["method"]) or _interval(row["vs_kd"], True)
                 cells = [row["method"], f"{_interval(row['test'])} (n={row['test']['n']})", paired, factor, *spans]
                 if paper:
                     cells.append("n/a" if row["paper"] is None else row["paper"])
