@@ -1,7 +1,9 @@
 """Fault injection for tests/test_crash_safety.py: ``amad distill`` in a forked child that dies where it is told.
 
-The child is forked from the test process (torch, transformers and the command
-line already imported: no start-up cost), installs its fault (a patch of the
+The child is forked from a fresh forkserver process that has imported torch,
+transformers and the command line once (little start-up cost per child, and no
+state left behind by earlier tests in the pytest process: logging handlers,
+threads, patched functions), installs its fault (a patch of the
 functions that write checkpoint files, of ``os.rename`` or of the training step:
 test hooks, not library code), runs ``amad.cli.main(argv)`` with its output in
 a log file, and exits with the command's code, or is killed by the fault.
@@ -101,6 +103,9 @@ def _child(argv: list[str], fault: Fault | None, log: str) -> None:
     os.dup2(stream.fileno(), 2)
     sys.stdout = sys.stderr = stream
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    import torch
+
+    torch.set_num_threads(1)  # as tests/conftest.py sets it for the test process: tiny models run faster
     code = 1
     try:
         install_fault(fault)
@@ -116,7 +121,9 @@ def _child(argv: list[str], fault: Fault | None, log: str) -> None:
 
 def run_distill(argv: list[str], fault: Fault | None, log: Path, timeout: float = 300) -> tuple[int, str]:
     """Run ``amad <argv>`` in a forked child with ``fault``; its exit code (``-9``: SIGKILLed) and output."""
-    process = multiprocessing.get_context("fork").Process(target=_child, args=(argv, fault, str(log)))
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["crash_worker", "amad.cli.commands"])
+    process = context.Process(target=_child, args=(argv, fault, str(log)))
     process.start()
     process.join(timeout)
     if process.is_alive():

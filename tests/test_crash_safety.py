@@ -1,6 +1,6 @@
 """Crash safety of training runs: atomic checkpoints, resuming from the newest complete one, the run directory.
 
-The fault-injection test kills ``amad distill`` (forked children, tests/crash_worker.py) at several points,
+The fault-injection test kills ``amad distill`` (children of a forkserver, tests/crash_worker.py) at several points,
 inside checkpoint saves among them, resumes each time, and compares the final Student with an uninterrupted run.
 """
 
@@ -19,7 +19,6 @@ from cli_fixtures import write_text_classification
 from crash_worker import run_distill
 from trainer_worker import ddp_trainer
 
-import amad.cli.commands  # noqa: F401  (imported before forking: the children start with it loaded)
 from amad.checkpoints import latest_complete_checkpoint, missing_files
 from amad.cli import main
 from amad.trainer import DISTILLER_STATE_NAME, DistillationTrainer

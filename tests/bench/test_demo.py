@@ -13,7 +13,7 @@ from amad.bench import report
 from amad.bench.runner import DemoSettings, run_demo
 
 METHODS = ["gt", "kd", "amad-mse"]
-RECORDED = ["gt", "kd", "kd+amad-mse"]
+RECORDED = ["gt", "kd", "kd+amad-mse@x1"]
 
 
 def test_mean_stderr_matches_hand_computation() -> None:
@@ -69,30 +69,37 @@ def test_a_task_without_paper_numbers_gets_no_paper_columns() -> None:
 
 def _run(out: Path, lines: list[str]):
     return run_demo(DemoSettings(out=out, scale="tiny", seeds=1, tasks=["vqa"], methods=METHODS, jobs=1,
-                                 echo=lines.append))
+                                 echo=lines.append, alpha_grid=(1.0,), paper_alpha=False))
 
 
 def test_tiny_end_to_end_run_writes_outputs_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     status = main(["--scale", "tiny", "--out", str(out), "--seeds", "1", "--tasks", "vqa",
-                   "--methods", *METHODS, "--jobs", "1"])
+                   "--methods", *METHODS, "--jobs", "1", "--alpha-grid", "1", "--no-paper-alpha"])
     assert status == 0
 
     records = json.loads((out / "results.json").read_text())
     assert all(set(r) == {"task", "method", "seed", "metric", "value"} for r in records)
     assert all(isinstance(r["value"], float) and 0.0 <= r["value"] <= 100.0 for r in records)
     assert sorted((r["task"], r["method"], r["seed"], r["metric"]) for r in records) == sorted(
-        [("vqa", m, 0, "accuracy") for m in RECORDED] + [("vqa", "teacher", 0, "accuracy")]
+        [("vqa", m, 0, metric) for m in RECORDED for metric in ("accuracy", "val_accuracy")]
+        + [("vqa", "teacher", 0, "accuracy")]
     )
+    # alpha "auto" was measured once for the attention loss (one number per distilled layer pair)
+    alpha = json.loads((out / "cache" / "alpha" / "vqa__kd_amad-mse__seed0.json").read_text())["alpha_auto"]
+    assert len(alpha) == 3 and all(a > 0 for a in alpha)  # encoder, decoder self- and cross-attention
 
     table = (out / "results.md").read_text()
+    fair, appendix = table.split("# All cells")
     for method, paper in [("teacher", "68.75"), ("gt", "56.44"), ("kd", "66.39"), ("kd+amad-mse", "n/a")]:
-        row = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
-        assert row.endswith(f"(n=1) | {paper} |"), row
+        row = next(line for line in fair.splitlines() if line.startswith(f"| {method} |"))
+        assert row.endswith(f" | {paper} |"), row
+    assert "| kd+amad-mse | " in fair and "| x1 | " in fair
+    assert "| kd+amad-mse@x1 | " in appendix
 
     plots = {p.name for p in (out / "plots").iterdir()}
     assert "vqa-accuracy.png" in plots
-    assert any(name.startswith("vqa-kd_amad-mse-seed0-") and name.endswith("-similarity.png") for name in plots)
+    assert any(name.startswith("vqa-kd_amad-mse@x1-seed0-") and name.endswith("-similarity.png") for name in plots)
     assert any(name.endswith("-maps.png") for name in plots)
     assert all((out / "plots" / name).stat().st_size > 1000 for name in plots)
 
@@ -104,16 +111,16 @@ def test_tiny_end_to_end_run_writes_outputs_and_resumes(tmp_path: Path) -> None:
     assert json.loads((out / "results.json").read_text()) == records
 
     # An interrupted run: the last cell never reached results.json. Only that cell runs, the Teacher is reused.
-    kept = [r for r in records if r["method"] != "kd+amad-mse"]
+    kept = [r for r in records if r["method"] != "kd+amad-mse@x1"]
     (out / "results.json").write_text(json.dumps(kept))
     lines = []
     summary = _run(out, lines)
-    assert summary.trained == [("vqa", "kd+amad-mse", 0)]
+    assert summary.trained == [("vqa", "kd+amad-mse@x1", 0)]
     assert sorted(summary.skipped) == [("vqa", "gt", 0), ("vqa", "kd", 0)]
     assert any(line.startswith("Teacher vqa: loaded from cache") for line in lines)
     after = json.loads((out / "results.json").read_text())
-    assert sorted([r for r in after if r["method"] != "kd+amad-mse"], key=str) == sorted(kept, key=str)
-    assert len([r for r in after if r["method"] == "kd+amad-mse"]) == 1
+    assert sorted([r for r in after if r["method"] != "kd+amad-mse@x1"], key=str) == sorted(kept, key=str)
+    assert len([r for r in after if r["method"] == "kd+amad-mse@x1"]) == 2  # test and validation accuracy
 
 
 def test_a_directory_of_another_scale_is_refused(tmp_path: Path) -> None:

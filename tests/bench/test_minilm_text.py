@@ -110,6 +110,27 @@ def test_neighbour_agreement_matches_a_loop() -> None:
         neighbour_agreement(student, teacher, k=20)
 
 
+def test_settings_parse() -> None:
+    from amad.bench.minilm_experiment import FULL_SETTINGS, parse_setting
+
+    setting = parse_setting("h4-d384-l3-from-teacher-uniform")
+    assert (setting.shape.name, setting.init, setting.layers) == ("h4-d384-l3", "teacher", "uniform")
+    assert all(parse_setting(name).name == name for name in FULL_SETTINGS)
+    assert parse_setting("h4-d256-l3").init == "random" and parse_setting("h4-d256-l3").layers == "last"
+    with pytest.raises(ValueError, match="-from-teacher and then -uniform"):
+        parse_setting("h4-d256-l3-uniform-from-teacher")
+
+
+def test_other_domain_sentences_are_docstrings_not_training_text() -> None:
+    from amad.bench.stdlib_text import docstring_sentences
+
+    sentences = docstring_sentences(("json", "textwrap"))
+    assert sentences == sorted(set(sentences)) and len(sentences) > 10
+    assert not set(sentences) & set(doc_sentences())
+    assert "Serialize ``obj`` to a JSON formatted ``str``." in sentences  # json.dumps: first paragraph only
+    assert not any("skipkeys" in s for s in sentences)  # (its second paragraph)
+
+
 def test_embedding_scores_and_loss() -> None:
     teacher = torch.randn(10, 6, dtype=torch.float64)
     assert embedding_scores(teacher.clone(), teacher) == pytest.approx(
@@ -174,29 +195,55 @@ def test_students_share_the_teachers_embeddings(minilm) -> None:
 
 
 @pytest.mark.minilm
+def test_student_from_teacher_resplits_heads_without_dropout(minilm) -> None:
+    from amad.bench.minilm_experiment import BUDGETS, TextExperiment, parse_setting
+
+    experiment = TextExperiment(BUDGETS["tiny"])
+    student = experiment.student(parse_setting("h4-d384-l3-from-teacher"), seed=0)
+    config = student.bert.config
+    assert (config.num_attention_heads, config.hidden_size, config.num_hidden_layers) == (4, 384, 3)
+    assert isinstance(student.projection, torch.nn.Identity)
+    assert not student.bert.embeddings.word_embeddings.weight.requires_grad
+    assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+    teacher = experiment.teacher
+    words = student.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(words, teacher.embeddings.word_embeddings.weight)
+    # the kept layers are the Teacher's (uniform map 6 -> 3: layers 2, 4, 6); their MLPs are copied unchanged
+    torch.testing.assert_close(student.bert.encoder.layer[0].intermediate.dense.weight,
+                               teacher.encoder.layer[1].intermediate.dense.weight)
+    with pytest.raises(ValueError, match="keeps its width 384"):
+        experiment.student(parse_setting("h4-d256-l3-from-teacher"), seed=0)
+
+
+@pytest.mark.minilm
 def test_tiny_real_run_writes_records_and_resumes(minilm, tmp_path: Path) -> None:
     from amad.bench import main
 
     out = tmp_path / "real"
-    argv = ["--real", "--scale", "tiny", "--out", str(out), "--methods", "kd", "amad-mse"]
+    argv = ["--real", "--scale", "tiny", "--out", str(out), "--methods", "kd", "amad-mse", "--alpha-grid", "1",
+            "--no-paper-alpha", "--jobs", "1", "--students", "h4-d384-l3-from-teacher"]
     assert main(argv) == 0
     records = json.loads((out / "results.json").read_text())
-    task = "minilm-text-h4-d256-l3"
+    metrics = ("cosine_pct", "top1_pct", "top5_pct")
+    every = [*metrics, *(f"val_{m}" for m in metrics), *(f"stdlib_{m}" for m in metrics)]
+    task = "minilm-text-h4-d384-l3-from-teacher"
     assert sorted((r["task"], r["method"], r["seed"], r["metric"]) for r in records) == sorted(
-        (task, method, 0, metric) for method in ("init", "kd", "kd+amad-mse")
-        for metric in ("cosine_pct", "top1_pct", "top5_pct"))
+        (task, method, 0, metric) for method in ("init", "kd", "kd+amad-mse@x1") for metric in every)
     assert all(-100.0 <= r["value"] <= 100.0 for r in records)
-    assert all(0.0 <= r["value"] for r in records if r["metric"] != "cosine_pct")
+    assert all(0.0 <= r["value"] for r in records if "cosine" not in r["metric"])
     table = (out / "results.md").read_text()
-    assert f"## {task}" in table and "| kd+amad-mse | " in table
+    assert f"## {task}" in table and "initialised from the Teacher" in table
+    assert "| kd+amad-mse | " in table and "| x1 | " in table and "### stdlib docstrings" in table
     plots = {p.name for p in (out / "plots").iterdir()}
-    assert {f"{task}-cosine_pct.png", f"{task}-top1_pct.png", f"{task}-top5_pct.png"} <= plots
+    assert {f"{task}-cosine_pct.png", f"{task}-top1_pct.png", f"{task}-stdlib_top1_pct.png"} <= plots
     assert any(name.endswith("-similarity.png") for name in plots)
 
     lines: list[str] = []
     from amad.bench.minilm_run import TextDemoSettings, run_text_demo
 
-    summary = run_text_demo(TextDemoSettings(out=out, scale="tiny", methods=["kd", "kd+amad-mse"], echo=lines.append))
+    summary = run_text_demo(TextDemoSettings(out=out, scale="tiny", methods=["kd", "kd+amad-mse"], echo=lines.append,
+                                             students=[task[len("minilm-text-"):]], alpha_grid=(1.0,),
+                                             paper_alpha=False))
     assert summary.trained == [] and len(summary.skipped) == 3
     assert json.loads((out / "results.json").read_text()) == records
     with pytest.raises(ValueError, match="another configuration"):

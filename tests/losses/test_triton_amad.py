@@ -1,7 +1,8 @@
 """The fused Triton AMAD kernels against the torch streaming form, on CPU through Triton's interpreter.
 
-``TRITON_INTERPRET=1`` is set here, before anything imports amad's kernels (they are imported
-lazily, on first use), so the ``@triton.jit`` kernels run on CPU tensors. Every case compares the
+``TRITON_INTERPRET=1`` is set by tests/conftest.py, before anything imports ``triton.language``
+(torch and transformers may import it while other test files are collected), so the
+``@triton.jit`` kernels run on CPU tensors. Every case compares the
 fused float32 loss and the Student's query/key gradients with the torch streaming form evaluated
 in float64 on the same inputs (itself checked against the materialised loss in
 ``test_streaming.py``) to 1e-5 relative. Tiles of 16 x 16 on q, k of 12 to 21 make every case
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it before triton.language loads
+    raise RuntimeError("run these tests with TRITON_INTERPRET=1 set before triton is imported (tests/conftest.py)")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -2,7 +2,9 @@
 
 For each task setting a Teacher is trained on the training split (cached under ``OUT/cache``), then
 Students are trained with every method (ground truth only, logit KD, KD + each attention loss) under
-the same budget and hyper-parameters, several seeds each, and evaluated on the test split.
+the same budget and hyper-parameters, several seeds each, and evaluated on the validation rows (carved
+out of the training data) and the test split. Every attention loss runs for each factor of the alpha
+grid; the factor is chosen on validation, the test numbers reported (:mod:`amad.bench.fair`).
 
 Writes ``OUT/results.json`` (records ``{"task", "method", "seed", "metric", "value"}``, appended
 after every finished cell: an interrupted run resumes where it stopped), ``OUT/results.md`` (mean +-
@@ -37,12 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data/model/step budget: tiny (tests), quick (= --quick) or full (default)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 2 with --quick, else 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="train seeds FIRST .. FIRST + SEEDS - 1 (default 0): split a run by seed into commands "
+                             "that write the same --out one after the other")
     parser.add_argument("--tasks", nargs="+", choices=SETTINGS, default=None, metavar="TASK", help="task settings")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help="methods to train")
     parser.add_argument("--jobs", type=int, default=None,
                         help="worker processes (default: the number of cores, at most 4)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / jobs)")
     parser.add_argument("--no-plots", action="store_true", help="write results.json and results.md only")
+    from .fair import DEFAULT_GRIDS
+
+    grids = "; ".join(f"{scale}: {','.join(f'{f:g}' for f in grid)}" for scale, grid in DEFAULT_GRIDS.items())
+    parser.add_argument("--alpha-grid", default=None, metavar="F1,F2,...",
+                        help="factors of alpha 'auto' every attention loss runs with; the factor is chosen per "
+                             f"setting and method on the validation split (default {grids})")
+    parser.add_argument("--paper-alpha", action=argparse.BooleanOptionalAction, default=None,
+                        help="also kd+<loss>@paper cells: the paper's alpha (0.2 / 100, reduction 'paper') for its "
+                             "losses (default: with --scale full only)")
     from .minilm_run import add_arguments as add_real_arguments  # --real: the all-MiniLM-L6-v2 benchmark
 
     add_real_arguments(parser)
@@ -55,18 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import DemoSettings, run_demo
     from .tasks import DEFAULT_SETTINGS
 
+    from .fair import DEFAULT_GRIDS, parse_grid
+
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick and args.scale not in (None, "quick"):
         parser.error(f"--quick contradicts --scale {args.scale}")
+    scale = "quick" if args.quick else (args.scale or "full")
+    try:
+        args.alpha_grid = parse_grid(args.alpha_grid) if args.alpha_grid is not None else DEFAULT_GRIDS[scale]
+    except ValueError as error:
+        parser.error(str(error))
+    if args.paper_alpha is None:
+        args.paper_alpha = scale == "full"
     if args.real:
         from .minilm_run import main_from_args
 
         return main_from_args(args, parser)
     scale = "quick" if args.quick else (args.scale or "full")
     seeds = args.seeds if args.seeds is not None else (2 if scale in ("quick", "tiny") else 3)
-    if seeds < 1:
-        parser.error(f"--seeds must be >= 1, got {seeds}")
+    if seeds < 1 or args.first_seed < 0:
+        parser.error(f"--seeds must be >= 1 and --first-seed >= 0, got {seeds} and {args.first_seed}")
     methods = args.methods or list(METHODS)
     for method in methods:
         try:
@@ -77,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if jobs < 1 or args.threads < 0:
         parser.error("--jobs must be >= 1 and --threads >= 0")
     tasks = args.tasks or list(DEFAULT_SETTINGS["quick" if scale in ("quick", "tiny") else "full"])
-    summary = run_demo(DemoSettings(out=args.out, scale=scale, seeds=seeds, tasks=tasks, methods=methods,
-                                    jobs=jobs, threads=args.threads, plots=not args.no_plots))
+    summary = run_demo(DemoSettings(out=args.out, scale=scale, seeds=seeds, first_seed=args.first_seed, tasks=tasks,
+                                    methods=methods,
+                                    jobs=jobs, threads=args.threads, plots=not args.no_plots,
+                                    alpha_grid=args.alpha_grid, paper_alpha=args.paper_alpha))
     return 1 if summary.failed else 0

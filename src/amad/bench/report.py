@@ -18,13 +18,13 @@ from typing import Any, Iterable, Sequence
 
 RECORD_KEYS = ("task", "method", "seed", "metric", "value")
 
-PRIMARY_METRICS = ("accuracy", "cider", "bleu", "bleu4")
+PRIMARY_METRICS = ("accuracy", "cider", "bleu", "bleu4", "cosine_pct")
 
 PREAMBLE = """Offline demo on the generated Shapes data (scale {scale}): tiny Teachers and Students trained
 from scratch on this machine. The absolute numbers are not comparable with the paper's (other data,
 models hundreds of times smaller, minutes of CPU training); what can be compared is the ordering of
 methods and the size of the gaps relative to the seed-to-seed spread. Every method gets the same
-Student initialisation per seed, the same data order, steps and hyper-parameters (alpha "auto")."""
+Student initialisation per seed, the same data order, steps and hyper-parameters; alpha: below."""
 
 METRIC_LABELS = {
     "accuracy": "accuracy (%)",
@@ -34,7 +34,17 @@ METRIC_LABELS = {
     "cosine_pct": "embedding cosine (%)",
     "top1_pct": "top-1 agreement (%)",
     "top5_pct": "top-5 agreement (%)",
+    "stdlib_cosine_pct": "stdlib docstrings: embedding cosine (%)",
+    "stdlib_top1_pct": "stdlib docstrings: top-1 agreement (%)",
+    "stdlib_top5_pct": "stdlib docstrings: top-5 agreement (%)",
 }
+
+
+def metric_label(metric: str) -> str:
+    """A metric's column label; validation metrics (``val_<metric>``) say so."""
+    if metric.startswith("val_"):
+        return f"validation {METRIC_LABELS.get(metric[4:], metric[4:])}"
+    return METRIC_LABELS.get(metric, metric)
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,52 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(variance / n)
 
 
+def t_quantile(probability: float, df: int) -> float:
+    """The ``probability`` quantile of Student's t distribution with ``df`` degrees of freedom (scipy)."""
+    from scipy.stats import t
+
+    return float(t.ppf(probability, df))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over seeds and its confidence interval (``low``/``high`` None when n < 2)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+
+    def format(self, digits: int = 2, signed: bool = False) -> str:
+        sign = "+" if signed else ""
+        interval = "n/a" if self.low is None else f"{self.low:{sign}.{digits}f}, {self.high:{sign}.{digits}f}"
+        return f"{self.mean:{sign}.{digits}f} [{interval}]"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "n": self.n}
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
+    """``mean +- t * se`` with ``t`` the ``(1 + confidence) / 2`` quantile of Student's t with ``n - 1`` degrees
+    of freedom and ``se = sd / sqrt(n)`` (sample sd); no interval when n < 2."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
+    mean, stderr = mean_stderr(values)
+    if stderr is None:
+        return Interval(mean, None, None, len(values))
+    half = t_quantile((1 + confidence) / 2, len(values) - 1) * stderr
+    return Interval(mean, mean - half, mean + half, len(values))
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float],
+                      confidence: float = 0.95) -> Interval | None:
+    """:func:`t_interval` of ``d_s = values[s] - reference[s]`` over the seeds both have; None when none is shared."""
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return None
+    return t_interval([values[s] - reference[s] for s in seeds], confidence)
+
+
 @dataclass(frozen=True)
 class Cell:
     """Summary of one task/method/metric over its seeds."""
@@ -200,16 +256,17 @@ def render_markdown(
         lines.append(f"Paper setting: {paper.setting}." if paper else "Paper setting: none comparable.")
         lines.append("")
         header = ["method"]
+        paper_metrics = {m for m in metrics if not m.startswith("val_")}  # the paper has no validation numbers
         for metric in metrics:
-            label = METRIC_LABELS.get(metric, metric)
-            header += [f"{label} (ours)", f"{label} (paper)"] if paper else [label]
+            label = metric_label(metric)
+            header += [f"{label} (ours)", f"{label} (paper)"] if paper and metric in paper_metrics else [label]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method in methods:
             row = [method]
             for metric in metrics:
                 cell = summary.get((task, method, metric))
                 row.append(cell.format() if cell else "not run")
-                if paper:
+                if paper and metric in paper_metrics:
                     number = paper.numbers.get(method) if paper.metric == metric else None
                     row.append("n/a" if number is None else number)
             lines.append("| " + " | ".join(row) + " |")
@@ -267,8 +324,8 @@ def plot_metric_bars(
         ax.set_ylim(max(0.0, low - 4 * margin), high + margin)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=40, ha="right", fontsize=8)
-        ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-        ax.set_title(f"{task}: {METRIC_LABELS.get(metric, metric)} (mean +- s.e. over seeds)", fontsize=9)
+        ax.set_ylabel(metric_label(metric))
+        ax.set_title(f"{task}: {metric_label(metric)} (mean +- s.e. over seeds)", fontsize=9)
         fig.tight_layout()
         path = plots_dir / f"{task}-{metric}.png"
         fig.savefig(path, dpi=110)

@@ -12,11 +12,14 @@ import os
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from . import report
+from . import fair_report, report
+from .fair import DEFAULT_GRID, expand_methods, variant_order
 from .jobs import EXTRA_METHODS, METHODS, Job, fingerprint, parse_method, quiet, run_job, snapshot_path
 from .tasks import get_setting
 
@@ -26,12 +29,15 @@ class DemoSettings:
     out: Path
     scale: str = "quick"
     seeds: int = 2
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (to split a run by seed)
     tasks: Sequence[str] = ()
     methods: Sequence[str] = METHODS
     jobs: int = 1
     threads: int = 0  # torch threads per job; 0: the cores divided by jobs
     plots: bool = True
     echo: Callable[[str], None] = field(default=print)
+    alpha_grid: Sequence[float] = DEFAULT_GRID  # factors of alpha "auto" (amad.bench.fair)
+    paper_alpha: bool = True  # also a kd+<loss>@paper cell for the paper's losses
 
 
 @dataclass
@@ -59,17 +65,27 @@ def _format_scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) or "done"
 
 
-class Pool:
-    """Run jobs in this process (``jobs == 1``) or in spawned worker processes."""
+def seed_range(settings: Any) -> range:
+    """The seeds a run trains: ``first_seed .. first_seed + seeds - 1``."""
+    return range(settings.first_seed, settings.first_seed + settings.seeds)
 
-    def __init__(self, jobs: int, threads: int) -> None:
-        self.threads = threads
+
+class Pool:
+    """Run jobs in this process (``jobs == 1``) or in spawned worker processes; ``work(job)`` (a module-level
+    function) runs one. When a worker dies (killed, out of memory), the pool is rebuilt and its unfinished jobs
+    run again, at most ``rebuilds`` times per run; after that they are reported failed."""
+
+    def __init__(self, jobs: int, threads: int, work: Callable[[Any], dict] = run_job, rebuilds: int = 2) -> None:
+        self.jobs, self.threads, self.work, self.rebuilds = jobs, threads, work, rebuilds
         self.executor = None
         if jobs > 1:
-            context = multiprocessing.get_context("spawn")
-            self.executor = ProcessPoolExecutor(jobs, mp_context=context, initializer=quiet, initargs=(threads,))
+            self.executor = self._executor()
         else:
             quiet(threads)
+
+    def _executor(self) -> ProcessPoolExecutor:
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(self.jobs, mp_context=context, initializer=quiet, initargs=(self.threads,))
 
     def run(self, jobs: Iterable[Job], on_done: Callable[[Job, dict | None, str | None], None]) -> None:
         """Run every job; ``on_done(job, result, error)`` is called in this process as each one finishes."""
@@ -77,20 +93,30 @@ class Pool:
         if self.executor is None:
             for job in jobs:
                 try:
-                    result = run_job(job)
+                    result = self.work(job)
                 except Exception:  # a failed cell must not lose the others: reported, run goes on
                     on_done(job, None, traceback.format_exc())
                 else:
                     on_done(job, result, None)
             return
-        pending: dict[Future, Job] = {self.executor.submit(run_job, job): job for job in jobs}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = pending.pop(future)
-                error = future.exception()
-                text = None if error is None else "".join(traceback.format_exception(error))
-                on_done(job, None if error else future.result(), text)
+        rebuilds = 0
+        while jobs:
+            pending: dict[Future, Job] = {self.executor.submit(self.work, job): job for job in jobs}
+            jobs = []
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = pending.pop(future)
+                    error = future.exception()
+                    if isinstance(error, BrokenProcessPool) and rebuilds < self.rebuilds:
+                        jobs.append(job)  # its worker died: run it again in a new pool
+                        continue
+                    text = None if error is None else "".join(traceback.format_exception(error))
+                    on_done(job, None if error else future.result(), text)
+            if jobs:
+                rebuilds += 1
+                self.executor.shutdown(wait=False, cancel_futures=True)
+                self.executor = self._executor()
 
     def close(self, interrupted: bool = False) -> None:
         """Wait for the workers to exit; after an error or Ctrl-C, drop queued jobs and do not wait."""
@@ -125,14 +151,15 @@ class _Plan:
 
 def _plan(settings: DemoSettings, out: Path) -> _Plan:
     task_settings = [get_setting(name) for name in settings.tasks]
-    methods = [parse_method(m).name for m in settings.methods]
-    if not task_settings or not methods or settings.seeds < 1:
-        raise ValueError("the demo needs at least one task, one method and one seed")
+    methods = expand_methods([parse_method(m).name for m in settings.methods], settings.alpha_grid,
+                             settings.paper_alpha)
+    if not task_settings or not methods or settings.seeds < 1 or settings.first_seed < 0:
+        raise ValueError("the demo needs at least one task, one method, one seed and a first seed >= 0")
     budgets = {s.task.name: s.task.budget(settings.scale) for s in task_settings}
     _check_run_file(out, settings.scale, {name: fingerprint(asdict(b)) for name, b in budgets.items()})
 
     done = {(r["task"], r["method"], r["seed"]) for r in report.load_results(out / "results.json")}
-    cells = [(s.name, m, seed) for s in task_settings for seed in range(settings.seeds) for m in methods]
+    cells = [(s.name, m, seed) for s in task_settings for seed in seed_range(settings) for m in methods]
     todo = [c for c in cells if c not in done]
     need = {get_setting(t).task.name for t, _, _ in todo}
     need |= {s.task.name for s in task_settings if (s.name, "teacher", 0) not in done}
@@ -202,17 +229,46 @@ class _Run:
         self.echo(f"{name}: {_format_scores(result['scores'])} ({_timing(result)}); eta {eta}")
 
 
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``OUT/run.lock`` (an advisory lock, released with the process even when it is killed) for a run: a
+    second run on the same directory at the same time is refused, since both would rewrite results.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / "run.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another amad demo is running on {out} (it holds {out / 'run.lock'}): run the "
+                               "commands of one --out one after the other, or give this one another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_demo(settings: DemoSettings) -> DemoSummary:
     """Run every missing cell; return what was trained, skipped (already in results.json) and failed."""
+    with run_lock(Path(settings.out)):
+        return _run_demo(settings)
+
+
+def _run_demo(settings: DemoSettings) -> DemoSummary:
     started = time.perf_counter()
     out = Path(settings.out)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     plan = _plan(settings, out)
     jobs = max(1, min(settings.jobs, len(plan.cell_jobs) or 1))
     threads = settings.threads or max(1, (os.cpu_count() or 1) // jobs)
+    grid = ",".join(f"{f:g}" for f in settings.alpha_grid)
     settings.echo(
         f"amad demo ({settings.scale}): {len(plan.cells)} cells ({len(settings.tasks)} tasks x {settings.seeds} "
-        f"seeds x {len(settings.methods)} methods), {len(plan.skipped)} already in {out / 'results.json'}, "
+        f"seeds x {len(settings.methods)} methods, alpha grid x{grid}{' + paper' if settings.paper_alpha else ''}), "
+        f"{len(plan.skipped)} already in {out / 'results.json'}, "
         f"{len(plan.cell_jobs)} to run; {jobs} worker(s) x {threads} torch thread(s)")
     run = _Run(settings, out, plan)
     pool = Pool(jobs, threads)
@@ -246,11 +302,20 @@ def write_outputs(out: Path, plots: bool = True, task_order: Sequence[str] = ())
     known = {r["task"] for r in records}
     notes = {name: _description(name) for name in known}
     scale = json.loads((out / "run.json").read_text())["scale"] if (out / "run.json").exists() else "?"
-    table = report.write_markdown(out / "results.md", records, task_order=task_order, method_order=method_order,
-                                  preamble=report.PREAMBLE.format(scale=scale), task_notes=notes)
+    table = fair_report.write_fair_markdown(
+        out / "results.md", records, title="AMAD demo benchmark", preamble=report.PREAMBLE.format(scale=scale),
+        task_order=task_order, method_order=method_order, task_notes=notes,
+        all_cells_order=variant_order(method_order, _grid_factors(records)))
     if plots:
-        write_plots(out, records, method_order)
+        write_plots(out, fair_report.selected_records(records), variant_order(method_order, _grid_factors(records)))
     return table
+
+
+def _grid_factors(records: Sequence[dict]) -> list[float]:
+    """Every factor the records' grid cells used (for the table order)."""
+    from .fair import parse_variant
+
+    return sorted({v.factor for v in map(parse_variant, {r["method"] for r in records}) if v.factor is not None})
 
 
 def write_plots(out: Path, records: list[dict], method_order: Sequence[str]) -> None:

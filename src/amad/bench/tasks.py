@@ -13,6 +13,8 @@ embeddings, visual patch embedding, encoder and decoder then initialise the task
 answer head starts fresh). BLIP captioning has no pre-trained setting: pre-training it on the
 captioning task itself would stand in for nothing.
 
+Validation rows: the images carved out of the generated training images (Teachers, pre-training and
+Students train on the others); the alpha grid is chosen on them, never on the test split.
 Batches are padded to their longest text; for AMAD variant 3 (whose projection is defined for one
 ``q x k`` only) to the longest text of the data.
 """
@@ -68,12 +70,14 @@ class Budget:
     batch_size: int
     learning_rate: float
     eval_batch_size: int = 128
-    max_test_examples: int = 1000
+    max_test_examples: int = 1000  # also the most validation examples
+    validation_images: int = 0  # carved out of the train_images: the grid of alphas is chosen on them
+    alpha_batches: int = 8  # random training batches alpha "auto" is measured on (the Distiller's default)
 
     def key(self, role: str) -> dict[str, Any]:
         """The fields a cached product depends on: "data", "teacher" or "pretrain"ed Student."""
         data = {"train_images": self.train_images, "test_images": self.test_images,
-                "max_test_examples": self.max_test_examples}
+                "max_test_examples": self.max_test_examples, "validation_images": self.validation_images}
         training = {"batch_size": self.batch_size, "learning_rate": self.learning_rate}
         if role == "data":
             return data
@@ -89,6 +93,8 @@ _STEPS = {  # (train images, test images, teacher steps, student steps, pre-trai
     "quick": (1500, 150, 800, 150, 150, 32),
     "full": (3000, 300, 1500, 300, 300, 32),
 }
+# Validation images, carved out of the training images (Teachers and Students train on the rest).
+_VALIDATION = {"tiny": 8, "quick": 150, "full": 300}
 
 
 @dataclass
@@ -97,6 +103,7 @@ class TaskData:
 
     ``collate`` pads to the longest text of the batch; ``fixed_collate`` to the longest text of the data,
     so that every batch's attention maps have the same ``q x k`` (AMAD variant 3 needs that).
+    ``validation``: rows of the images carved out of the training split (never trained on).
     """
 
     tokenizer: Any
@@ -107,6 +114,16 @@ class TaskData:
     pretrain: list[dict] | None = None
     pretrain_collate: Callable[[list[dict]], dict] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    validation: list[dict] = field(default_factory=list)
+
+    def rows(self, split: str) -> list[dict]:
+        """The evaluation rows of ``split``: "test" or "validation"."""
+        if split not in ("test", "validation"):
+            raise ValueError(f"unknown evaluation split {split!r}; expected 'test' or 'validation'")
+        rows = self.test if split == "test" else self.validation
+        if not rows:
+            raise ValueError(f"this task's data has no {split} rows")
+        return rows
 
 
 @dataclass
@@ -151,10 +168,17 @@ def _longest(tokenizer: Any, texts: Sequence[str]) -> int:
 
 
 def _shapes(budget: Budget) -> tuple[Any, Any]:
+    """The generated splits; ``validation``: the last ``validation_images`` of the generated training images."""
     from .data import ShapesConfig, build_shapes_tokenizer, generate_shapes
 
     data = generate_shapes(ShapesConfig(seed=0, train_size=budget.train_images, validation_size=0,
                                         test_size=budget.test_images))
+    kept = budget.train_images - budget.validation_images
+    if kept < 1:
+        raise ValueError(f"validation_images {budget.validation_images} leaves no training image of "
+                         f"{budget.train_images}")
+    data["validation"] = data["train"].select(range(kept, budget.train_images))
+    data["train"] = data["train"].select(range(kept))
     return data, build_shapes_tokenizer(data)
 
 
@@ -174,11 +198,12 @@ def _inputs(batch: dict, keys: Sequence[str]) -> dict:
     return {k: batch[k] for k in keys if k in batch}
 
 
-def _generate(model: nn.Module, data: TaskData, budget: Budget, inputs: Callable[[list[dict]], dict]) -> list[str]:
-    """Greedy decoding of every test row (``inputs`` turns rows into the model's inputs), as text."""
+def _generate(model: nn.Module, data: TaskData, budget: Budget, inputs: Callable[[list[dict]], dict],
+              rows: Sequence[dict]) -> list[str]:
+    """Greedy decoding of ``rows`` (``inputs`` turns rows into the model's inputs), as text."""
     hypotheses: list[str] = []
-    for rows in _batches(data.test, budget.eval_batch_size):
-        generated = model.generate(**inputs(rows), max_new_tokens=data.extras["max_new_tokens"], do_sample=False,
+    for batch_rows in _batches(rows, budget.eval_batch_size):
+        generated = model.generate(**inputs(batch_rows), max_new_tokens=data.extras["max_new_tokens"], do_sample=False,
                                    num_beams=1)
         hypotheses += data.tokenizer.batch_decode(generated, skip_special_tokens=True)
     return hypotheses
@@ -198,7 +223,8 @@ class DemoTask(ABC):
         train, test, t_steps, s_steps, p_steps, batch = _STEPS[scale]
         teacher, student = self.model_sizes(scale)
         return Budget(train, test, teacher, student, t_steps, s_steps, p_steps, batch, learning_rate=1e-3,
-                      eval_batch_size=128, max_test_examples=self.test_examples if scale != "tiny" else 16)
+                      eval_batch_size=128, max_test_examples=self.test_examples if scale != "tiny" else 16,
+                      validation_images=_VALIDATION[scale], alpha_batches=2 if scale == "tiny" else 8)
 
     def model_sizes(self, scale: str) -> tuple[dict, dict]:
         return _VLT5[scale]
@@ -235,8 +261,8 @@ class DemoTask(ABC):
         return student
 
     @abstractmethod
-    def evaluate(self, model: nn.Module, data: TaskData, budget: Budget) -> dict[str, float]:
-        """The metrics of ``model`` on the test rows."""
+    def evaluate(self, model: nn.Module, data: TaskData, budget: Budget, split: str = "test") -> dict[str, float]:
+        """The metrics of ``model`` on the ``split`` rows ("test" or "validation")."""
 
 
 class VQATask(DemoTask):
@@ -249,10 +275,12 @@ class VQATask(DemoTask):
         data, tokenizer = _shapes(budget)
         train = _rows(vqa_view(data["train"]))
         test = _rows(vqa_view(data["test"]), budget.max_test_examples)
-        length = _longest(tokenizer, [f"{TASK_PREFIX['vqa']} {r['question']}" for r in train + test])
+        validation = _rows(vqa_view(data["validation"]), budget.max_test_examples)
+        length = _longest(tokenizer, [f"{TASK_PREFIX['vqa']} {r['question']}" for r in train + test + validation])
         pretrain, pretrain_collate = _captioning_rows(data, tokenizer)
         collate = VQACollator(tokenizer)
-        return TaskData(tokenizer, train, test, collate, FixedLength(collate, length), pretrain, pretrain_collate)
+        return TaskData(tokenizer, train, test, collate, FixedLength(collate, length), pretrain, pretrain_collate,
+                        validation=validation)
 
     def build_model(self, size: str, data: TaskData, overrides: dict) -> nn.Module:
         from .data import ANSWERS
@@ -261,11 +289,11 @@ class VQATask(DemoTask):
         return make_vlt5(size, "vqa", vocab_size=len(data.tokenizer), num_answers=len(ANSWERS), **overrides)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: TaskData, budget: Budget) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: TaskData, budget: Budget, split: str = "test") -> dict[str, float]:
         model.eval()
         predictions: list[int] = []
         labels: list[int] = []
-        for rows in _batches(data.test, budget.eval_batch_size):
+        for rows in _batches(data.rows(split), budget.eval_batch_size):
             batch = data.collate(rows)
             logits = model(**_inputs(batch, ("input_ids", "attention_mask", "pixel_values"))).logits
             predictions += logits.argmax(-1).tolist()
@@ -286,11 +314,12 @@ class CaptionTask(DemoTask):
         data, tokenizer = _shapes(budget)
         train = _rows(caption_view(data["train"]))
         test = _rows(caption_view(data["test"], per_reference=False), budget.max_test_examples)
-        texts = [f"{tokenizer.bos_token} {c}" for r in train + test for c in r["references"]]
+        validation = _rows(caption_view(data["validation"], per_reference=False), budget.max_test_examples)
+        texts = [f"{tokenizer.bos_token} {c}" for r in train + test + validation for c in r["references"]]
         length = _longest(tokenizer, texts)
         collate = BlipCaptionCollator(tokenizer)
         return TaskData(tokenizer, train, test, collate, FixedLength(collate, length, length),
-                        extras={"max_new_tokens": length + 2})
+                        extras={"max_new_tokens": length + 2}, validation=validation)
 
     def build_model(self, size: str, data: TaskData, overrides: dict) -> nn.Module:
         from .models.blip import make_blip
@@ -303,12 +332,13 @@ class CaptionTask(DemoTask):
                          text_overrides=overrides)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: TaskData, budget: Budget) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: TaskData, budget: Budget, split: str = "test") -> dict[str, float]:
         from .data import pixel_values
         model.eval()
+        rows = data.rows(split)
         hypotheses = _generate(model, data, budget,
-                               lambda rows: {"pixel_values": pixel_values([r["image"] for r in rows])})
-        references = [list(r["references"]) for r in data.test]
+                               lambda rows: {"pixel_values": pixel_values([r["image"] for r in rows])}, rows)
+        references = [list(r["references"]) for r in rows]
         return {"bleu4": bleu(hypotheses, references), "cider": cider(hypotheses, references)}
 
 
@@ -324,12 +354,14 @@ class TranslationTask(DemoTask):
         data, tokenizer = _shapes(budget)
         train = _rows(translation_view(data["train"]))
         test = _rows(translation_view(data["test"]), budget.max_test_examples)
-        text = _longest(tokenizer, [f"{TASK_PREFIX['translate']} {r['source']}" for r in train + test])
-        labels = _longest(tokenizer, [r["target"] for r in train + test])
+        validation = _rows(translation_view(data["validation"]), budget.max_test_examples)
+        every = train + test + validation
+        text = _longest(tokenizer, [f"{TASK_PREFIX['translate']} {r['source']}" for r in every])
+        labels = _longest(tokenizer, [r["target"] for r in every])
         pretrain, pretrain_collate = _captioning_rows(data, tokenizer)
         collate = Seq2SeqCollator(tokenizer, "translate")
         return TaskData(tokenizer, train, test, collate, FixedLength(collate, text, labels), pretrain, pretrain_collate,
-                        extras={"max_new_tokens": labels + 2})
+                        extras={"max_new_tokens": labels + 2}, validation=validation)
 
     def build_model(self, size: str, data: TaskData, overrides: dict) -> nn.Module:
         from .models.vlt5 import make_vlt5
@@ -337,11 +369,12 @@ class TranslationTask(DemoTask):
         return make_vlt5(size, "translate", vocab_size=len(data.tokenizer), **overrides)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: TaskData, budget: Budget) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: TaskData, budget: Budget, split: str = "test") -> dict[str, float]:
         model.eval()
-        hypotheses = _generate(model, data, budget,
-                               lambda rows: _inputs(data.collate(rows), ("input_ids", "attention_mask", "pixel_values")))
-        return {"bleu": bleu(hypotheses, [[r["target"]] for r in data.test])}
+        rows = data.rows(split)
+        keys = ("input_ids", "attention_mask", "pixel_values")
+        hypotheses = _generate(model, data, budget, lambda batch_rows: _inputs(data.collate(batch_rows), keys), rows)
+        return {"bleu": bleu(hypotheses, [[r["target"]] for r in rows])}
 
 
 TASKS: dict[str, DemoTask] = {t.name: t for t in (VQATask(), CaptionTask(), TranslationTask())}
