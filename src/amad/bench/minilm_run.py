@@ -295,9 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", action="store_true",
                         help="the real-Teacher benchmark: all-MiniLM-L6-v2 (needs the extra amad[minilm]) distilled "
                              "on Python's documentation sentences (quick: about 8 minutes on 2 cores)")
-    parser.add_argument("--students", nargs="+", choices=tuple(STUDENT_SHAPES), default=None, metavar="SHAPE",
+    parser.add_argument("--students", nargs="+", default=None, metavar="SHAPE",
                         help=f"with --real: Student shapes (of {', '.join(STUDENT_SHAPES)}; default quick: "
-                             f"{', '.join(BUDGETS['quick'].students)}, full: all)")
+                             f"{', '.join(BUDGETS['quick'].students)}, full: all); with --llm: see docs/llm_demo.md")
     parser.add_argument("--layers", choices=("last", "uniform"), default=None,
                         help="with --real: distil the last layer pair (default) or uniformly mapped layers")
 
@@ -306,6 +306,9 @@ def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     """``amad demo --real ...`` after parsing; returns the exit status (1 when a cell failed)."""
     if args.tasks:
         parser.error("--tasks belongs to the offline demo; with --real choose --students")
+    unknown = [s for s in args.students or () if s not in STUDENT_SHAPES]
+    if unknown:
+        parser.error(f"--students: unknown shapes {unknown} for --real; choose from {', '.join(STUDENT_SHAPES)}")
     scale = "quick" if args.quick else (args.scale or "full")
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[scale]
     methods = args.methods or list(METHODS)
