@@ -146,26 +146,29 @@ def tiny_llm(monkeypatch, teacher) -> None:
 def test_tiny_llm_demo_end_to_end_writes_outputs_and_resumes(tiny_llm, tmp_path: Path) -> None:
     out = tmp_path / "llm"
     methods = ["kd", "kd+amad-mse", "kd+minilm-relations"]
-    assert main(["--llm", "--scale", "tiny", "--out", str(out), "--methods", *methods]) == 0
+    assert main(["--llm", "--scale", "tiny", "--out", str(out), "--methods", *methods, "--alpha-sensitivity"]) == 0
     records = json.loads((out / "results.json").read_text())
     task = "smollm2-135m-l2-h2-kv1"
     cells = {(r["method"], r["seed"]) for r in records}
-    sensitivity = {f"{m}@alpha{s}x" for m in methods[1:] for s in ("0.5", "2")}
+    sensitivity = {f"{m}@alpha{s}x" for m in methods[1:] for s in ("0.5", "1", "2")} | {"kd@validation"}
     assert cells == {(m, 0) for m in ["teacher", "init", *methods, *sensitivity]}
     assert {r["task"] for r in records} == {task}
     metrics = {(r["method"], r["metric"]) for r in records}
     for method in methods:
-        assert {(method, m) for m in llm_run.METRICS} <= metrics and (method, "val_perplexity") in metrics
+        assert {(method, m) for m in llm_run.METRICS} <= metrics and (method, "val_perplexity") not in metrics
     assert ("kd+amad-mse@alpha2x", "perplexity") not in metrics  # sensitivity: validation only
+    assert ("kd+amad-mse@alpha2x", "val_kl_to_teacher") in metrics and ("kd@validation", "val_perplexity") in metrics
     alpha = {r["method"]: r["value"] for r in records if r["metric"] == "alpha_mean"}
     assert alpha["kd+amad-mse@alpha2x"] == pytest.approx(4 * alpha["kd+amad-mse@alpha0.5x"], rel=1e-6)
+    assert alpha["kd+amad-mse@alpha1x"] == pytest.approx(2 * alpha["kd+amad-mse@alpha0.5x"], rel=1e-6)
     assert set(alpha) == {m for m in cells_methods(records) if "amad" in m or "minilm" in m}
     table = (out / "results.md").read_text()
     assert "| kd+amad-mse |" in table and "Alpha sensitivity" in table and "no interval" in table
     assert (out / "plots" / f"{task}-perplexity.png").stat().st_size > 1000
 
     lines: list[str] = []
-    settings = llm_run.LLMDemoSettings(out=out, scale="tiny", methods=methods, echo=lines.append)
+    settings = llm_run.LLMDemoSettings(out=out, scale="tiny", methods=methods, plots=False, alpha_sensitivity=True,
+                                       echo=lines.append)
     summary = llm_run.run_llm_demo(settings)
     assert summary.trained == [] and len(summary.skipped) == len(cells) - 1  # all but the Teacher's own record
     assert json.loads((out / "results.json").read_text()) == records

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the decoder-only benchmark: SmolLM2-135M (needs the extra amad[llm]) distilled into "
                              "Students with fewer heads and layers on Python's documentation text "
                              "(--students l<layers>-h<heads>-kv<kv heads>; docs/llm_demo.md)")
+    parser.add_argument("--alpha-sensitivity", action="store_true",
+                        help="with --llm: also train each attention method at 0.5x, 1x and 2x its measured alpha "
+                             "(seed 0), scored on the validation blocks")
     return parser
 
 
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick and args.scale not in (None, "quick"):
         parser.error(f"--quick contradicts --scale {args.scale}")
+    if args.alpha_sensitivity and not args.llm:
+        parser.error("--alpha-sensitivity belongs to --llm")
     if args.llm:
         from .llm_run import main_from_args as main_llm
 

@@ -119,23 +119,22 @@ def render_llm_markdown(records: Sequence[dict[str, Any]], *, task_order: Sequen
 
 
 def _sensitivity(records: Sequence[dict[str, Any]], task: str, methods: Sequence[str]) -> list[str]:
-    scaled = sorted({r["method"].split("@alpha")[1] for r in records if "@alpha" in r["method"]},
-                    key=lambda s: float(s.rstrip("x")))
-    if not scaled:
+    from .llm_run import ALPHA_SCALES, KD_VALIDATION, variant_name
+
+    if not any("@" in r["method"] for r in records):
         return []
-    columns = [("0.5x", "@alpha0.5x"), ("1x", ""), ("2x", "@alpha2x")]
-    columns = [(label, suffix) for label, suffix in columns if not suffix or suffix[6:] in scaled]
     rows = []
     for method in ["kd", *methods]:
+        names = [KD_VALIDATION] * len(ALPHA_SCALES) if method == "kd" else [variant_name(method, s) for s in ALPHA_SCALES]
         row = [method]
-        for metric in ("val_perplexity", "val_kl_to_teacher"):
-            for _, suffix in columns:
-                values = _values(records, task, method + suffix, metric) if method != "kd" or not suffix else []
+        for metric in ("val_perplexity", "val_kl_to_teacher", "val_top1_agreement_pct"):
+            for name in names:
+                values = _values(records, task, name, metric)
                 row.append(f"{values[0]:.3f}" if values else "-")
         rows.append(row)
-    header = ["method", *(f"{m} alpha {c}" for m in ("val ppl", "val KL") for c, _ in columns)]
-    return [f"Alpha sensitivity (seed 0, validation blocks): alpha at 0.5x, 1x and 2x the measured one.", "",
-            *_table(header, rows), ""]
+    header = ["method", *(f"{m} alpha {s:g}x" for m in ("val ppl", "val KL", "val agree %") for s in ALPHA_SCALES)]
+    return ["Alpha sensitivity (seed 0, validation blocks): alpha at 0.5x, 1x and 2x the measured one (`kd` has no "
+            "alpha: the same value in each column).", "", *_table(header, rows), ""]
 
 
 def _cost(records: Sequence[dict[str, Any]], task: str, methods: Sequence[str]) -> list[str]:

@@ -10,9 +10,9 @@ Student parameters as hard as the KD term), then scored on the test blocks: perp
 per token and top-1 next-token agreement. The seed draws the order of the training blocks and the batches
 alpha is measured on. ``init`` is the Student before training (seed 0), ``teacher`` the Teacher.
 
-Alpha sensitivity (``full``; seed 0): each attention method again with alpha at 0.5x and 2x the measured one
-(``alpha_ratio`` scaled, so alpha scales exactly), all three scored on the validation blocks. Cells are named
-``<method>@alpha0.5x`` / ``@alpha2x``; their metrics and the seed-0 cells' validation metrics start ``val_``.
+Alpha sensitivity (``--alpha-sensitivity``, seed 0, its own cells): each attention method with alpha at 0.5x,
+1x and 2x the measured one (``alpha_ratio`` scaled, so alpha scales exactly) and ``kd``, scored on the validation
+blocks. Cells are named ``<method>@alpha<scale>x`` and ``kd@validation``; their metrics start ``val_``.
 
 Output as the other demos: ``results.json`` (appended after every cell; a rerun skips finished cells),
 ``results.md`` and ``plots/``.
@@ -20,6 +20,7 @@ Output as the other demos: ``results.json`` (appended after every cell; a rerun 
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 import tempfile
@@ -47,7 +48,8 @@ METHODS: tuple[str, ...] = (
 )
 METRICS = ("perplexity", "kl_to_teacher", "top1_agreement_pct", "next_token_accuracy_pct")
 COST_METRICS = ("seconds_per_step", "alpha_mean")
-ALPHA_SCALES = (0.5, 2.0)
+ALPHA_SCALES = (0.5, 1.0, 2.0)
+KD_VALIDATION = "kd@validation"
 _SHAPE = re.compile(r"^l(\d+)-h(\d+)-kv(\d+)$")
 
 
@@ -58,13 +60,12 @@ class LLMBudget:
     students: tuple[str, ...]
     steps: int
     batch_size: int
-    learning_rate: float = 2e-4
+    learning_rate: float = 5e-4
     block_length: int = 128
     train_blocks: int = 0  # 0: every training block
     test_blocks: int = 0  # 0: every test block
     validation_blocks: int = 0
     alpha_batches: int = 4
-    sensitivity: bool = False
     eval_batch_size: int = 8
     kd_top_k: int = 128  # KD on the Teacher's top-k logits per position (what the cache stores)
     teacher_cache: bool = True  # False: the live Teacher in every step and evaluation (same objective)
@@ -72,10 +73,13 @@ class LLMBudget:
 
 BUDGETS: dict[str, LLMBudget] = {
     "tiny": LLMBudget(("l2-h2-kv1",), steps=2, batch_size=2, block_length=8, train_blocks=8, test_blocks=3,
-                      validation_blocks=3, alpha_batches=1, sensitivity=True),
-    "quick": LLMBudget(("l2-h3-kv1",), steps=16, batch_size=4, train_blocks=64, test_blocks=16, alpha_batches=2),
-    "full": LLMBudget(("l2-h3-kv1", "l4-h6-kv2"), steps=150, batch_size=8, validation_blocks=32, test_blocks=0,
-                      sensitivity=True),
+                      validation_blocks=3, alpha_batches=1),
+    # quick: one pass over 32 blocks of 64 tokens per method (docs/llm_demo.md: measured times).
+    "quick": LLMBudget(("l2-h3-kv1",), steps=8, batch_size=4, block_length=64, train_blocks=32, test_blocks=16,
+                       alpha_batches=1),
+    # full: one pass over 192 blocks of 128 tokens per method; one command per Student and seed fits 2.5 h here.
+    "full": LLMBudget(("l2-h3-kv1", "l4-h6-kv2"), steps=48, batch_size=4, train_blocks=192, validation_blocks=16,
+                      alpha_batches=2),
 }
 DEFAULT_SEEDS = {"tiny": 1, "quick": 1, "full": 3}
 
@@ -89,6 +93,7 @@ class LLMDemoSettings:
     students: Sequence[str] | None = None  # None: the scale's
     threads: int = 0  # 0: torch's default
     plots: bool = True
+    alpha_sensitivity: bool = False
     echo: Callable[[str], None] = field(default=print)
 
 
@@ -251,18 +256,16 @@ class Cell:
 
 
 def plan_cells(shapes: dict[str, StudentShape], methods: Sequence[str], seeds: int, sensitivity: bool) -> list[Cell]:
-    """Every cell of a run, in run order: per seed and Student, ``init`` (seed 0) and the methods; then the
-    sensitivity variants. With ``sensitivity`` the seed-0 cells are also scored on the validation blocks."""
-    attention = [m for m in methods if parse_method(m).attention_loss]
-    cells = []
-    for seed in range(seeds):
-        for task in shapes:
-            for method in ([UNTRAINED] if seed == 0 else []) + list(methods):
-                splits = ("test", "validation") if sensitivity and seed == 0 else ("test",)
-                cells.append(Cell(task, method, seed, method, 1.0, splits))
+    """Every cell of a run, in run order: per seed and Student, ``init`` (seed 0) and the methods, scored on the
+    test blocks; with ``sensitivity``, then the alpha-sensitivity cells (seed 0), scored on the validation blocks."""
+    cells = [Cell(task, method, seed, method) for seed in range(seeds) for task in shapes
+             for method in ([UNTRAINED] if seed == 0 else []) + list(methods)]
     if sensitivity:
-        cells += [Cell(task, variant_name(m, s), 0, m, s, ("validation",))
-                  for task in shapes for m in attention for s in ALPHA_SCALES]
+        attention = [m for m in methods if parse_method(m).attention_loss]
+        for task in shapes:
+            if "kd" in methods:
+                cells.append(Cell(task, KD_VALIDATION, 0, "kd", 1.0, ("validation",)))
+            cells += [Cell(task, variant_name(m, s), 0, m, s, ("validation",)) for m in attention for s in ALPHA_SCALES]
     return cells
 
 
@@ -291,6 +294,33 @@ def _resolve(settings: LLMDemoSettings) -> tuple[LLMBudget, dict[str, StudentSha
     return budget, shapes, methods
 
 
+def _run_cells(experiment: LLMExperiment, shapes: dict[str, StudentShape], todo: list[Cell], done: set,
+               results_path: Path, echo: Callable[[str], None]) -> tuple[list, list]:
+    """Run the cells in order, appending each one's records (and the Teacher's, once per Student) as it ends."""
+    trained, failed = [], []
+    phase = time.perf_counter()
+    for i, cell in enumerate(todo, 1):
+        cell_started = time.perf_counter()
+        name = f"cell {i}/{len(todo)} {cell.task} {cell.method} seed {cell.seed}"
+        try:
+            scores, teacher = experiment.run_cell(shapes[cell.task], cell.base, cell.seed,
+                                                  alpha_scale=cell.alpha_scale, splits=cell.splits)
+        except Exception:  # a failed cell must not lose the others: reported, the run goes on
+            import traceback
+
+            failed.append((cell.task, cell.method, cell.seed))
+            echo(f"{name} FAILED\n{traceback.format_exc()}")
+            continue
+        if (cell.task, "teacher", 0) not in done:
+            report.append_results(results_path, _records(cell.task, "teacher", 0, teacher))
+            done.add((cell.task, "teacher", 0))
+        report.append_results(results_path, _records(cell.task, cell.method, cell.seed, scores))
+        trained.append((cell.task, cell.method, cell.seed))
+        eta = (time.perf_counter() - phase) / i * (len(todo) - i)
+        echo(f"{name}: {_format(scores)} ({time.perf_counter() - cell_started:.0f} s); eta {_duration(eta)}")
+    return trained, failed
+
+
 def run_llm_demo(settings: LLMDemoSettings) -> DemoSummary:
     """Run every cell not yet in ``OUT/results.json``; write the tables and plots; return what happened."""
     from .llm_report import write_llm_outputs
@@ -304,11 +334,11 @@ def run_llm_demo(settings: LLMDemoSettings) -> DemoSummary:
                     {t: fingerprint(common, s.name, sys.version_info[:2]) for t, s in shapes.items()})
     results_path = out / "results.json"
     done = {(r["task"], r["method"], r["seed"]) for r in report.load_results(results_path)}
-    cells = plan_cells(shapes, methods, settings.seeds, budget.sensitivity)
+    cells = plan_cells(shapes, methods, settings.seeds, settings.alpha_sensitivity)
     todo = [c for c in cells if (c.task, c.method, c.seed) not in done]
     skipped = [(c.task, c.method, c.seed) for c in cells if (c.task, c.method, c.seed) in done]
     echo(f"amad demo --llm ({settings.scale}): {len(cells)} cells ({len(shapes)} Students x {settings.seeds} seeds x "
-         f"{len(methods)} methods, + init{' + alpha sensitivity' if budget.sensitivity else ''}), {len(skipped)} "
+         f"{len(methods)} methods, + init{' + alpha sensitivity' if settings.alpha_sensitivity else ''}), {len(skipped)} "
          f"already in {results_path}, {len(todo)} to run; {budget.steps} steps of {budget.batch_size} blocks each")
     trained: list[tuple[str, str, int]] = []
     failed: list[tuple[str, str, int]] = []
@@ -316,27 +346,15 @@ def run_llm_demo(settings: LLMDemoSettings) -> DemoSummary:
         quiet(settings.threads or torch.get_num_threads())
         loading = time.perf_counter()
         experiment = LLMExperiment(budget, echo)
+        gc.collect()
+        gc.freeze()  # the Teacher, the blocks and the caches live as long as the run: out of every later collection
         echo(f"Teacher and text loaded in {time.perf_counter() - loading:.0f} s; {experiment.describe()}")
-        phase = time.perf_counter()
-        for i, cell in enumerate(todo, 1):
-            cell_started = time.perf_counter()
-            try:
-                scores, teacher = experiment.run_cell(shapes[cell.task], cell.base, cell.seed,
-                                                      alpha_scale=cell.alpha_scale, splits=cell.splits)
-            except Exception:  # a failed cell must not lose the others: reported, the run goes on
-                import traceback
-
-                failed.append((cell.task, cell.method, cell.seed))
-                echo(f"cell {i}/{len(todo)} {cell.task} {cell.method} seed {cell.seed} FAILED\n{traceback.format_exc()}")
-                continue
-            if (cell.task, "teacher", 0) not in done:
-                report.append_results(results_path, _records(cell.task, "teacher", 0, teacher))
-                done.add((cell.task, "teacher", 0))
-            report.append_results(results_path, _records(cell.task, cell.method, cell.seed, scores))
-            trained.append((cell.task, cell.method, cell.seed))
-            eta = (time.perf_counter() - phase) / i * (len(todo) - i)
-            echo(f"cell {i}/{len(todo)} {cell.task} {cell.method} seed {cell.seed}: {_format(scores)} "
-                 f"({time.perf_counter() - cell_started:.0f} s); eta {_duration(eta)}")
+        try:
+            trained, failed = _run_cells(experiment, shapes, todo, done, results_path, echo)
+        finally:
+            gc.unfreeze()
+        echo(f"the real Teacher ran on {experiment.teacher_passes()} blocks"
+             + (" (the rest replayed from its cache)" if budget.teacher_cache else ""))
     table = write_llm_outputs(out, settings.plots, list(shapes), settings.scale)
     seconds = time.perf_counter() - started
     echo(f"amad demo --llm finished in {_duration(seconds)}: {len(trained)} cells run, {len(skipped)} skipped, "
@@ -351,7 +369,8 @@ def main_from_args(args: Any, parser: Any) -> int:
     scale = "quick" if args.quick else (args.scale or "full")
     seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[scale]
     settings = LLMDemoSettings(out=args.out, scale=scale, seeds=seeds, methods=args.methods or list(METHODS),
-                               students=args.students, threads=args.threads, plots=not args.no_plots)
+                               students=args.students, threads=args.threads, plots=not args.no_plots,
+                               alpha_sensitivity=args.alpha_sensitivity)
     try:
         _resolve(settings)
     except ValueError as error:
