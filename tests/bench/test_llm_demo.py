@@ -184,8 +184,11 @@ def cells_methods(records: list[dict]) -> set[str]:
 
 
 def test_llm_demo_usage_errors(tiny_llm, tmp_path: Path, capsys) -> None:
-    for argv, message in ((["--students", "l2-h3"], "l<layers>-h<heads>-kv<kv heads>"),
-                          (["--methods", "gt"], "not gt"), (["--real"], "--real")):
+    for argv, message in ((["--llm", "--students", "l2-h3"], "l<layers>-h<heads>-kv<kv heads>"),
+                          (["--llm", "--methods", "gt"], "not gt"), (["--llm", "--real"], "--real"),
+                          (["--alpha-sensitivity"], "belongs to --llm"),
+                          (["--real", "--students", "l2-h3-kv1"], "unknown shapes")):
         with pytest.raises(SystemExit):
-            main(["--llm", "--scale", "tiny", "--out", str(tmp_path), *argv])
+            main(["--scale", "tiny", "--out", str(tmp_path), *argv])
         assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
