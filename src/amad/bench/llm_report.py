@@ -25,7 +25,7 @@ layers and heads (task `smollm2-135m-l<layers>-h<heads>-kv<kv heads>`), cut from
 layers, its first heads, every other weight copied; tied embedding frozen). Text: prose of Python's reference
 manual (`pydoc_data.topics`) and of standard-library docstrings, split by document (hash of its name) into train /
 validation / test, packed into blocks of {block_length} tokens. Every method: {steps} steps of {batch_size} blocks,
-AdamW lr {learning_rate}, token-level logit KD (T = 1, full vocabulary) + the attention loss on every Student layer
+AdamW lr {learning_rate}, token-level logit KD (T = 1, the Teacher's top-{top_k} logits per position) + the attention loss on every Student layer
 paired uniformly with a Teacher layer, alpha "auto" (gradient-norm balance, `alpha_ratio = 1 / pairs`). The seed
 draws the training order and alpha's measuring batches; the Student's initial weights are the same for every seed.
 Scale {scale}; {seeds}."""
@@ -78,17 +78,26 @@ def _difference(cell: tuple[float, float | None, float | None, int] | None) -> s
         return "not run"
     mean, _, half, n = cell
     if half is None:
-        return f"{mean:+.3f} (n={n}, no interval)"
-    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] (n={n})"
+        return f"{mean:+.4g} (n={n}, no interval)"
+    return f"{mean:+.4g} [{mean - half:+.4g}, {mean + half:+.4g}] (n={n})"
 
 
 def _values(records: Sequence[dict[str, Any]], task: str, method: str, metric: str) -> list[float]:
     return [float(r["value"]) for r in records if (r["task"], r["method"], r["metric"]) == (task, method, metric)]
 
 
+def _number(value: float, digits: int = 3) -> str:
+    """Fixed point, or scientific from 1e5 on (an untrained Student's perplexity can be 1e11)."""
+    return f"{value:.{digits}e}" if abs(value) >= 1e5 else f"{value:.{digits}f}"
+
+
 def _summary(records: Sequence[dict[str, Any]], task: str, method: str, metric: str, digits: int = 3) -> str:
     values = _values(records, task, method, metric)
-    return report.Cell(*report.mean_stderr(values), len(values)).format(digits) if values else "-"
+    if not values:
+        return "-"
+    mean, stderr = report.mean_stderr(values)
+    error = "n/a" if stderr is None else _number(stderr, digits)
+    return f"{_number(mean, digits)} +- {error} (n={len(values)})"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -140,8 +149,9 @@ def _sensitivity(records: Sequence[dict[str, Any]], task: str, methods: Sequence
 def _cost(records: Sequence[dict[str, Any]], task: str, methods: Sequence[str]) -> list[str]:
     rows = [[m, _summary(records, task, m, "seconds_per_step", 2), _summary(records, task, m, "alpha_mean", 4)]
             for m in methods]
-    return ["Cost and weights: wall seconds per training step (this machine, shared) and the measured alpha "
-            "(mean over layer pairs).", "", *_table(["method", "s/step", "alpha (mean over pairs)"], rows), ""]
+    return ["Cost and weights: wall seconds per training step (this machine, shared; including alpha's measurement "
+            "and, for a Student's first method, the Teacher passes that fill its cache) and the measured alpha (mean "
+            "over layer pairs).", "", *_table(["method", "s/step", "alpha (mean over pairs)"], rows), ""]
 
 
 def write_llm_outputs(out: Path, plots: bool, task_order: Sequence[str], scale: str) -> Path:
@@ -153,7 +163,7 @@ def write_llm_outputs(out: Path, plots: bool, task_order: Sequence[str], scale: 
     seeds = sorted({r["seed"] for r in records if r["method"] == "kd"})
     seed_words = f"{len(seeds)} seed(s)" + (" - one seed: no error bars or intervals" if len(seeds) == 1 else "")
     preamble = PREAMBLE.format(block_length=budget.block_length, steps=budget.steps, batch_size=budget.batch_size,
-                               learning_rate=budget.learning_rate, scale=scale, seeds=seed_words)
+                               learning_rate=budget.learning_rate, top_k=budget.kd_top_k, scale=scale, seeds=seed_words)
     path = out / "results.md"
     path.write_text(render_llm_markdown(records, task_order=task_order, method_order=METHODS, preamble=preamble))
     if plots:

@@ -3,8 +3,8 @@ fewer heads and layers, on English text Python ships (pieces: :mod:`amad.bench.l
 :mod:`amad.bench.llm_report`).
 
 For every seed, Student shape and method, one *cell*: the Student cut from the Teacher (the same weights for
-every method and seed) is trained for the budget's steps with token-level logit KD (temperature 1, full
-vocabulary) plus the method's attention loss on the uniformly paired layers (one pair per Student layer),
+every method and seed) is trained for the budget's steps with token-level logit KD (temperature 1, on the
+Teacher's top-``kd_top_k`` logits per position: what :mod:`amad.bench.teacher_cache` stores) plus the method's attention loss on the uniformly paired layers (one pair per Student layer),
 ``alpha="auto"`` with ``alpha_ratio = 1 / pairs`` (the weighted attention terms together pull on the shared
 Student parameters as hard as the KD term), then scored on the test blocks: perplexity, KL(Teacher || Student)
 per token and top-1 next-token agreement. The seed draws the order of the training blocks and the batches
@@ -77,9 +77,9 @@ BUDGETS: dict[str, LLMBudget] = {
     # quick: one pass over 32 blocks of 64 tokens per method (docs/llm_demo.md: measured times).
     "quick": LLMBudget(("l2-h3-kv1",), steps=8, batch_size=4, block_length=64, train_blocks=32, test_blocks=16,
                        alpha_batches=1),
-    # full: one pass over 192 blocks of 128 tokens per method; one command per Student and seed fits 2.5 h here.
-    "full": LLMBudget(("l2-h3-kv1", "l4-h6-kv2"), steps=48, batch_size=4, train_blocks=192, validation_blocks=16,
-                      alpha_batches=2),
+    # full: one pass over 160 blocks of 128 tokens per method; one command per Student and seed fits 2.5 h here.
+    "full": LLMBudget(("l2-h3-kv1", "l4-h6-kv2"), steps=40, batch_size=4, train_blocks=160, test_blocks=32,
+                      validation_blocks=16, alpha_batches=2),
 }
 DEFAULT_SEEDS = {"tiny": 1, "quick": 1, "full": 3}
 

@@ -28,7 +28,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 from .minilm_text import _prose_paragraphs
@@ -149,13 +148,3 @@ def relation_heads(teacher: nn.Module, student: nn.Module, candidates: Sequence[
     if found is None:
         raise ValueError(f"no relation head count of {tuple(candidates)} divides the query widths {widths}")
     return found
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def check_block(batch: dict[str, torch.Tensor]) -> None:
-    """Packed blocks need no padding: refuse a batch with masked positions (they would change the losses)."""
-    if not bool(batch["attention_mask"].all()):
-        raise ValueError("the LLM demo's training batches must be full blocks without padding")

@@ -61,8 +61,11 @@ class CachedTeacher(nn.Module):
     @torch.no_grad()
     def _fill(self, input_ids: Tensor, keys: list[tuple[int, ...]]) -> None:
         """Run the real Teacher on the blocks not stored yet and store them."""
-        missing = [i for i, key in enumerate(keys) if key not in self.store]
-        missing = [i for n, i in enumerate(missing) if keys[i] not in {keys[j] for j in missing[:n]}]
+        first_row: dict[tuple[int, ...], int] = {}
+        for i, key in enumerate(keys):
+            if key not in self.store:
+                first_row.setdefault(key, i)
+        missing = list(first_row.values())
         if not missing:
             return
         captured: dict[int, Tensor] = {}
