@@ -157,6 +157,8 @@ def test_tiny_llm_demo_end_to_end_writes_outputs_and_resumes(tiny_llm, tmp_path:
     for method in methods:
         assert {(method, m) for m in llm_run.METRICS} <= metrics and (method, "val_perplexity") not in metrics
     assert ("kd+amad-mse@alpha2x", "perplexity") not in metrics  # sensitivity: validation only
+    assert {("teacher", "perplexity"), ("teacher", "val_perplexity")} <= metrics  # the Teacher on both splits, once
+    assert len([r for r in records if r["method"] == "teacher"]) == 4
     assert ("kd+amad-mse@alpha2x", "val_kl_to_teacher") in metrics and ("kd@validation", "val_perplexity") in metrics
     alpha = {r["method"]: r["value"] for r in records if r["metric"] == "alpha_mean"}
     assert alpha["kd+amad-mse@alpha2x"] == pytest.approx(4 * alpha["kd+amad-mse@alpha0.5x"], rel=1e-6)

@@ -294,10 +294,11 @@ def _resolve(settings: LLMDemoSettings) -> tuple[LLMBudget, dict[str, StudentSha
     return budget, shapes, methods
 
 
-def _run_cells(experiment: LLMExperiment, shapes: dict[str, StudentShape], todo: list[Cell], done: set,
-               results_path: Path, echo: Callable[[str], None]) -> tuple[list, list]:
-    """Run the cells in order, appending each one's records (and the Teacher's, once per Student) as it ends."""
+def _run_cells(experiment: LLMExperiment, shapes: dict[str, StudentShape], todo: list[Cell], results_path: Path,
+               echo: Callable[[str], None]) -> tuple[list, list]:
+    """Run the cells in order, appending each one's records (and the Teacher's, once per metric) as it ends."""
     trained, failed = [], []
+    teacher_done = {(r["task"], r["metric"]) for r in report.load_results(results_path) if r["method"] == "teacher"}
     phase = time.perf_counter()
     for i, cell in enumerate(todo, 1):
         cell_started = time.perf_counter()
@@ -311,9 +312,10 @@ def _run_cells(experiment: LLMExperiment, shapes: dict[str, StudentShape], todo:
             failed.append((cell.task, cell.method, cell.seed))
             echo(f"{name} FAILED\n{traceback.format_exc()}")
             continue
-        if (cell.task, "teacher", 0) not in done:
-            report.append_results(results_path, _records(cell.task, "teacher", 0, teacher))
-            done.add((cell.task, "teacher", 0))
+        new = {k: v for k, v in teacher.items() if (cell.task, k) not in teacher_done}
+        if new:  # the Teacher's metrics on each split, once
+            report.append_results(results_path, _records(cell.task, "teacher", 0, new))
+            teacher_done.update((cell.task, k) for k in new)
         report.append_results(results_path, _records(cell.task, cell.method, cell.seed, scores))
         trained.append((cell.task, cell.method, cell.seed))
         eta = (time.perf_counter() - phase) / i * (len(todo) - i)
@@ -350,7 +352,7 @@ def run_llm_demo(settings: LLMDemoSettings) -> DemoSummary:
         gc.freeze()  # the Teacher, the blocks and the caches live as long as the run: out of every later collection
         echo(f"Teacher and text loaded in {time.perf_counter() - loading:.0f} s; {experiment.describe()}")
         try:
-            trained, failed = _run_cells(experiment, shapes, todo, done, results_path, echo)
+            trained, failed = _run_cells(experiment, shapes, todo, results_path, echo)
         finally:
             gc.unfreeze()
         echo(f"the real Teacher ran on {experiment.teacher_passes()} blocks"

@@ -94,8 +94,8 @@ class CachedTeacher(nn.Module):
     def _logits(self, keys: list[tuple[int, ...]], length: int) -> Tensor:
         if self.top_k is None:
             return torch.stack([self.store[k][0] for k in keys])
-        logits = torch.full((len(keys), length, int(self.config.vocab_size)), torch.finfo(torch.float32).min)
         values = torch.stack([self.store[k][0] for k in keys])
+        logits = values.new_full((len(keys), length, int(self.config.vocab_size)), torch.finfo(values.dtype).min)
         indices = torch.stack([self.store[k][1] for k in keys]).long()
         return logits.scatter_(-1, indices, values)
 
