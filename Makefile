@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-full demo-real test test-fast bench clean
+.PHONY: install demo demo-full demo-real demo-llm test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo-full: $(STAMP)
 
 demo-real: $(STAMP)
 	$(BIN)/amad demo --real --quick --out runs/demo-real
+
+demo-llm: $(STAMP)
+	$(BIN)/amad demo --llm --quick --out runs/demo-llm
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

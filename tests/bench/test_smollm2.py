@@ -94,3 +94,25 @@ def test_student_from_teacher_builds_a_3_head_6_layer_student_that_distils(smoll
     assert torch.isfinite(out.loss) and len(out.losses) == 7
     grad = student.model.layers[0].self_attn.q_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_cached_teacher_replays_smollm2_exactly(smollm2: tuple) -> None:
+    """The demo's Teacher cache on the real model: top-k KD and the distilled layers' AMAD terms through the cache
+    (filled, then replayed) equal those of the live Teacher (tests/bench/test_llm_demo.py checks it on tiny models)."""
+    from amad.bench.teacher_cache import CachedTeacher
+
+    model, tokenizer = smollm2
+    ids = tokenizer(["The capital of France is Paris, a city on the Seine river in the north."] * 2,
+                    return_tensors="pt")["input_ids"][:, :12]
+    ids[1] = ids[1].flip(0)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    student = student_from_teacher(model, layers=2, num_heads=3)
+    cached = CachedTeacher(model, layers=[14, 29], top_k=64)  # uniform_layer_map(30, 2), 0-based
+    losses = []
+    for teacher in (model, cached, cached):
+        distiller = Distiller(teacher, student, attention_loss="amad-kl", layers="uniform", alpha=1.0, kd_top_k=64)
+        with torch.no_grad():
+            losses.append(torch.stack(list(distiller(**batch).losses.values())))
+    assert cached.teacher_passes == 2 and len(losses[0]) == 3
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses[2], losses[0], rtol=1e-5, atol=1e-5)

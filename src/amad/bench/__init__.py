@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .minilm_run import add_arguments as add_real_arguments  # --real: the all-MiniLM-L6-v2 benchmark
 
     add_real_arguments(parser)
+    parser.add_argument("--llm", action="store_true",
+                        help="the decoder-only benchmark: SmolLM2-135M (needs the extra amad[llm]) distilled into "
+                             "Students with fewer heads and layers on Python's documentation text "
+                             "(--students l<layers>-h<heads>-kv<kv heads>; docs/llm_demo.md)")
+    parser.add_argument("--alpha-sensitivity", action="store_true",
+                        help="with --llm: also train each attention method at 0.5x, 1x and 2x its measured alpha "
+                             "(seed 0), scored on the validation blocks")
     return parser
 
 
@@ -75,6 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick and args.scale not in (None, "quick"):
         parser.error(f"--quick contradicts --scale {args.scale}")
+    if args.alpha_sensitivity and not args.llm:
+        parser.error("--alpha-sensitivity belongs to --llm")
+    if args.llm:
+        if args.alpha_grid is not None or args.paper_alpha is not None:
+            parser.error("--alpha-grid and --paper-alpha belong to the Shapes and --real demos; "
+                         "--llm measures alpha 'auto' (see --alpha-sensitivity)")
+        if args.jobs is not None or args.first_seed != 0:
+            parser.error("--jobs and --first-seed belong to the Shapes and --real demos; --llm runs one process "
+                         "and --seeds N adds the seeds a previous run of the same --out lacks")
+        from .llm_run import main_from_args as main_llm
+
+        return main_llm(args, parser)
     scale = "quick" if args.quick else (args.scale or "full")
     try:
         args.alpha_grid = parse_grid(args.alpha_grid) if args.alpha_grid is not None else DEFAULT_GRIDS[scale]

