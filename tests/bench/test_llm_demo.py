@@ -189,7 +189,9 @@ def test_llm_demo_usage_errors(tiny_llm, tmp_path: Path, capsys) -> None:
     for argv, message in ((["--llm", "--students", "l2-h3"], "l<layers>-h<heads>-kv<kv heads>"),
                           (["--llm", "--methods", "gt"], "not gt"), (["--llm", "--real"], "--real"),
                           (["--alpha-sensitivity"], "belongs to --llm"),
-                          (["--real", "--students", "l2-h3-kv1"], "unknown shapes")):
+                          (["--real", "--students", "l2-h3-kv1"], "h<heads>-d<width>-l<layers>"),
+                          (["--llm", "--alpha-grid", "1,2"], "--alpha-grid and --paper-alpha belong to"),
+                          (["--llm", "--first-seed", "1"], "--jobs and --first-seed belong to")):
         with pytest.raises(SystemExit):
             main(["--scale", "tiny", "--out", str(tmp_path), *argv])
         assert message in capsys.readouterr().err
