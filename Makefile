@@ -32,8 +32,9 @@ demo-real: $(STAMP)
 demo-llm: $(STAMP)
 	$(BIN)/amad demo --llm --quick --out runs/demo-llm
 
+# Test files run in parallel (pytest-xdist), a file's tests in one worker (module-scoped models load once).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_streaming.py --threads 1
