@@ -235,10 +235,10 @@ def test_paper_alpha_is_checked_on_the_first_batch() -> None:
 def test_balance_of_degenerate_measurements() -> None:
     """A term without gradient cannot be balanced: alpha 1 and its index; the message names the silent term."""
     sums = torch.tensor([[2.0, 3.0], [4.0, 0.0], [1.0, 1.0], [0.5, 0.0]], dtype=torch.float64)
-    alpha, unbalanced = weighting.balanced_alpha(sums, "auto", ratio=2.0)
-    assert alpha.tolist() == [1.0, 1.0] and unbalanced == [1]
-    alpha, unbalanced = weighting.balanced_alpha(sums, "loss-ratio")
-    assert alpha.tolist() == [2.0, 1.0] and unbalanced == [1]
+    alpha, unbalanced, vanishing = weighting.balanced_alpha(sums, "auto", ratio=2.0)
+    assert alpha.tolist() == [1.0, 1.0] and unbalanced == [1] and vanishing == []
+    alpha, unbalanced, vanishing = weighting.balanced_alpha(sums, "loss-ratio")
+    assert alpha.tolist() == [2.0, 1.0] and unbalanced == [1] and vanishing == []
     ratios = weighting.gradient_ratios(torch.tensor([1.0, 1.0]), sums)
     assert ratios.tolist() == [2.0, 0.0]
     message = weighting.imbalance_message(["a", "b"], ratios, batches=3)
@@ -248,6 +248,34 @@ def test_balance_of_degenerate_measurements() -> None:
                                                                                        batches=1)
     with pytest.raises(ValueError, match="alpha rule must be one of"):
         weighting.balanced_alpha(sums, "paper")
+
+
+def test_a_vanishing_gradient_takes_the_loss_ratio_alpha() -> None:
+    """Gradient ratio below float32's precision (1e-20 here, as BLIP's 1e-10 vision initialisation gave: alpha
+    1.6e20, every Student collapsed): the loss-ratio alpha instead, the pair named; just above it: balanced."""
+    eps = weighting.VANISHING_GRADIENT
+    sums = torch.tensor([[2.0, 2.0, 2.0], [2e-20, 2 * eps * 1.01, 0.5], [3.0, 3.0, 3.0], [0.5, 0.25, 1.0]],
+                        dtype=torch.float64)
+    alpha, unbalanced, vanishing = weighting.balanced_alpha(sums, "auto")
+    assert unbalanced == [] and vanishing == [0]
+    assert alpha.tolist() == pytest.approx([6.0, 1 / (eps * 1.01), 4.0])
+
+    teacher, student = teacher_and_student("bert")
+    with torch.no_grad():  # the last Student layer's maps uniform and flat in Q, K: their gradient vanishes
+        attention = student.bert.encoder.layer[-1].attention.self
+        for linear in (attention.query, attention.key):
+            linear.weight.mul_(1e-12)
+            linear.bias.zero_()
+    distiller = Distiller(teacher, student, alpha="auto", alpha_batches=1).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = distiller(**bert_batches()[0])
+    messages = [str(w.message) for w in caught if issubclass(w.category, AlphaImbalanceWarning)]
+    assert any("vanishes where it was measured" in m and "loss-ratio alpha" in m for m in messages), messages
+    sums = distiller._alpha_sums
+    assert float(sums[1, 0]) < weighting.VANISHING_GRADIENT * float(sums[0, 0])
+    assert distiller.alpha.tolist() == pytest.approx([float(sums[2, 0] / sums[3, 0])])  # r * sum R / sum L
+    assert torch.isfinite(outputs.loss)
 
 
 # -- (d) state dict ------------------------------------------------------------------------------------------------

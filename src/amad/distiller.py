@@ -281,12 +281,21 @@ class Distiller(nn.Module):
         self._alpha_done.fill_(True)
         seen, names = int(self._alpha_seen), [self._term_name(i) for i in range(len(self.layer_pairs))]
         if self.auto_alpha:
-            _, unbalanced = weighting.balanced_alpha(self._alpha_sums, self.alpha_rule, self.alpha_ratio)
+            _, unbalanced, vanishing = weighting.balanced_alpha(self._alpha_sums, self.alpha_rule, self.alpha_ratio)
             for i in unbalanced:
                 warnings.warn(
                     f"alpha={self.alpha_rule!r}: {names[i]} cannot be balanced, its measure or the KD term's was 0 "
                     f"over {seen} batch(es) (no gradient on their shared Student parameters, or a zero loss); "
                     "its alpha is set to 1",
+                    weighting.AlphaImbalanceWarning, stacklevel=3,
+                )
+            for i in vanishing:
+                warnings.warn(
+                    f"alpha='auto': the Student gradient of {names[i]} vanishes where it was measured (its norm is "
+                    f"{float(self._alpha_sums[1, i] / self._alpha_sums[0, i]):.3g} of the output terms', e.g. "
+                    "uniform maps from a near-zero initialisation), so balancing it would give an alpha that "
+                    f"explodes once training moves; it takes the loss-ratio alpha {float(self.alpha[i]):.4g} "
+                    "instead. Give alpha as numbers to choose it yourself",
                     weighting.AlphaImbalanceWarning, stacklevel=3,
                 )
             logger.info("alpha=%r (alpha_ratio %g) frozen after %d batch(es): %s", self.alpha_rule,

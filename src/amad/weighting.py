@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "ALPHA_RULES", "DOMINANCE_LIMIT", "PAPER_ALPHA", "AlphaImbalanceWarning", "balanced_alpha", "gradient_ratios",
+    "ALPHA_RULES", "DOMINANCE_LIMIT", "PAPER_ALPHA", "VANISHING_GRADIENT", "AlphaImbalanceWarning", "balanced_alpha", "gradient_ratios",
     "imbalance_message", "measure_batch", "paper_alpha",
 ]
 
@@ -45,6 +45,9 @@ ALPHA_RULES = ("auto", "loss-ratio")
 PAPER_ALPHA = {"amad-mse": 0.2, "amad-s2t": 0.2, "amad-kl": 100.0, "amad-token": 100.0, "amad-projected": 100.0}
 #: A weighted term whose Student-gradient norm is this many times another's is reported.
 DOMINANCE_LIMIT = 100.0
+#: A term whose Student-gradient norm is below this fraction of the output terms' (float32's relative precision,
+#: 2**-23: below the rounding noise of R's own gradient) cannot be balanced by its gradient.
+VANISHING_GRADIENT = 2.0**-23
 #: Rows of the (4, n) measurement: gradient norms of R and L_l over theta_l, loss values of R and L_l.
 REF_GRAD, TERM_GRAD, REF_VALUE, TERM_VALUE = range(4)
 
@@ -129,19 +132,28 @@ def measure_batch(reference: Tensor, terms: Sequence[Tensor], params: Sequence[T
     return torch.cat([grads, values[:1].expand(1, len(terms)), values[None, 1:]])
 
 
-def balanced_alpha(sums: Tensor, rule: str, ratio: float = 1.0) -> tuple[Tensor, list[int]]:
-    """alpha of each pair from the summed measurements ``(4, n)`` by ``rule``, and the pairs it left at 1.
+def balanced_alpha(sums: Tensor, rule: str, ratio: float = 1.0) -> tuple[Tensor, list[int], list[int]]:
+    """alpha of each pair from the summed measurements ``(4, n)`` by ``rule``; the pairs left at 1; the pairs
+    whose gradient vanished.
 
     ``"auto"``: ``r * sum ||dR|| / sum ||dL_l||``; ``"loss-ratio"``: ``r * sum R / sum L_l``. A pair whose
     numerator or denominator is 0 (a term with no gradient, e.g. a Student already equal to the Teacher)
-    cannot be balanced: its alpha is 1 and its index is returned.
+    cannot be balanced: its alpha is 1 and its index is in the second list. With ``"auto"``, a pair whose
+    gradient norm is below :data:`VANISHING_GRADIENT` times R's (the Student sits where the term's gradient
+    vanishes, e.g. uniform maps from BLIP's vision initialisation of std 1e-10) would get an alpha that explodes
+    as soon as training leaves that point: it takes the loss-ratio alpha instead (1 if that is undefined too)
+    and its index is in the third list.
     """
     if rule not in ALPHA_RULES:
         raise ValueError(f"alpha rule must be one of {ALPHA_RULES}; got {rule!r}")
     num, den = (sums[REF_GRAD], sums[TERM_GRAD]) if rule == "auto" else (sums[REF_VALUE], sums[TERM_VALUE])
     valid = (num > 0) & (den > 0) & torch.isfinite(num) & torch.isfinite(den)
     alpha = torch.where(valid, ratio * num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.ones_like(den))
-    return alpha, [i for i, ok in enumerate(valid.tolist()) if not ok]
+    vanishing = torch.zeros_like(valid)
+    if rule == "auto":
+        vanishing = valid & (den < VANISHING_GRADIENT * num)
+        alpha = torch.where(vanishing, balanced_alpha(sums, "loss-ratio", ratio)[0], alpha)
+    return alpha, [i for i, ok in enumerate(valid.tolist()) if not ok], torch.nonzero(vanishing).flatten().tolist()
 
 
 def gradient_ratios(alpha: Tensor, sums: Tensor) -> Tensor:
