@@ -29,13 +29,10 @@ from . import weighting
 from .attention import AttentionInputs
 from .capture import AttentionRecorder, check_layer_shapes, resolve_layer_pairs
 from .compat import check_pair
-from .losses.logits import logit_kd
+from .losses.logits import OutputLoss, default_output_loss, token_mask
 from .options import DistillOptions
 
 logger = logging.getLogger(__name__)
-
-OutputLoss = Callable[[Any, Any, dict], Tensor]
-
 
 @dataclass
 class DistillationOutput(ModelOutput):
@@ -49,44 +46,6 @@ class DistillationOutput(ModelOutput):
     losses: dict[str, Tensor] | None = None
     student_outputs: Any = None
     teacher_outputs: Any = None
-
-
-def _model_logits(outputs: Any) -> Tensor:
-    logits = getattr(outputs, "logits", None)
-    if logits is None and isinstance(outputs, (tuple, list)):
-        logits = outputs[0]
-    if not isinstance(logits, Tensor):
-        raise ValueError(
-            "logit KD needs model outputs with `.logits`; pass `output_loss=` for models without logits "
-            "(e.g. an embedding loss), or kd_weight=0"
-        )
-    return logits
-
-
-def token_mask(batch: dict, length: int) -> Tensor | None:
-    """Which of ``length`` sequence positions are real tokens, from the batch (or None = all)."""
-    labels = batch.get("labels")
-    if isinstance(labels, Tensor) and labels.dim() == 2 and labels.shape[1] == length:
-        return labels != -100
-    for key in ("decoder_attention_mask", "attention_mask"):
-        mask = batch.get(key)
-        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[1] == length:
-            return mask.bool()
-    return None
-
-
-def default_output_loss(temperature: float, top_k: int | None = None) -> OutputLoss:
-    """Logit KD (docs/method.md): classification (B, C) or per-token (B, L, V) with padding ignored.
-
-    ``top_k``: KD on the Teacher's ``top_k`` largest logits per position, renormalised (``logit_kd``).
-    """
-
-    def kd(student_outputs: Any, teacher_outputs: Any, batch: dict) -> Tensor:
-        s, t = _model_logits(student_outputs), _model_logits(teacher_outputs)
-        mask = token_mask(batch, s.shape[1]) if s.dim() == 3 else None
-        return logit_kd(s, t, temperature=temperature, mask=mask, top_k=top_k)
-
-    return kd
 
 
 def query_mask_for(inputs: AttentionInputs, batch: dict) -> Tensor | None:
