@@ -13,7 +13,7 @@ import torch
 
 from amad import Distiller
 from amad.bench import llm_run, main
-from amad.bench.llm_report import paired_differences, t_quantile
+from amad.bench.llm_report import paired_differences
 from amad.bench.llm_text import SPLITS, corpus_documents, split_of, split_texts, text_blocks
 from amad.bench.teacher_cache import CachedTeacher
 from amad.cli.causal_lm import CausalLMCollator, evaluate_causal_lm
@@ -116,24 +116,15 @@ def test_cached_teacher_refuses_padding_and_bad_settings(teacher) -> None:
 
 
 # -- statistics -----------------------------------------------------------------------------------------------------
-def test_t_quantile_matches_the_normal_limit_and_the_closed_form_for_two_degrees() -> None:
-    # df = 2: F(x) = 1/2 + x / (2 sqrt(2 + x^2)), so the 0.975 quantile is sqrt(2 q^2 / (1 - q^2)), q = 0.95
-    assert t_quantile(0.975, 2) == pytest.approx(math.sqrt(2 * 0.95**2 / (1 - 0.95**2)), rel=1e-6)
-    # df = 1 (Cauchy): tan(pi (p - 1/2))
-    assert t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-4)
-    from statistics import NormalDist
-
-    assert t_quantile(0.975, 2000) == pytest.approx(NormalDist().inv_cdf(0.975), rel=1e-3)
-
-
 def test_paired_differences_are_per_seed() -> None:
     values = {("kd", 0): 10.0, ("kd", 1): 20.0, ("kd", 2): 30.0, ("x", 0): 9.0, ("x", 1): 18.0, ("x", 2): 30.0}
     records = [{"task": "t", "method": m, "seed": s, "metric": "perplexity", "value": v} for (m, s), v in values.items()]
-    mean, stderr, half, n = paired_differences(records, "t", "perplexity")["x"]
+    interval = paired_differences(records, "t", "perplexity")["x"]
     diffs = [-1.0, -2.0, 0.0]
     sd = math.sqrt(sum((d + 1) ** 2 for d in diffs) / 2)
-    assert (mean, n) == (-1.0, 3) and stderr == pytest.approx(sd / math.sqrt(3))
-    assert half == pytest.approx(t_quantile(0.975, 2) * sd / math.sqrt(3))
+    half = 4.302652729749462 * sd / math.sqrt(3)  # t(0.975, 2 df)
+    assert (interval.mean, interval.n) == (-1.0, 3)
+    assert (interval.low, interval.high) == (pytest.approx(-1.0 - half), pytest.approx(-1.0 + half))
 
 
 # -- the pipeline ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ alpha sensitivity on the validation blocks; and the cost (seconds per step, meas
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,32 +30,10 @@ draws the training order and alpha's measuring batches; the Student's initial we
 Scale {scale}; {seeds}."""
 
 
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` degrees of freedom: bisection on its CDF
-    ``F(x) = 1/2 + int_0^x f``, ``f(u) = Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1 + u^2/df)^(-(df+1)/2)``,
-    the integral by Simpson's rule (2000 intervals)."""
-    if not 0.5 < p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1; got p={p}, df={df}")
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(x: float, n: int = 2000) -> float:
-        h = x / n
-        f = [math.exp(log_c - (df + 1) / 2 * math.log1p((i * h) ** 2 / df)) for i in range(n + 1)]
-        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
-
-    low, high = 0.0, 1.0
-    while cdf(high) < p:
-        high *= 2
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if cdf(mid) < p else (low, mid)
-    return (low + high) / 2
-
-
 def paired_differences(records: Sequence[dict[str, Any]], task: str, metric: str,
-                       reference: str = "kd") -> dict[str, tuple[float, float | None, float | None, int]]:
-    """Per method: ``(mean, s.e., half-width of the 95% t interval, n)`` of ``value(method) - value(reference)``
-    over the seeds both have (s.e. and interval None when n = 1)."""
+                       reference: str = "kd") -> dict[str, report.Interval]:
+    """Per trained method: the 95 % t interval of ``value(method) - value(reference)`` over the seeds both have
+    (:func:`amad.bench.report.paired_difference`)."""
     values: dict[str, dict[int, float]] = {}
     for r in records:
         if r["task"] == task and r["metric"] == metric:
@@ -64,22 +41,20 @@ def paired_differences(records: Sequence[dict[str, Any]], task: str, metric: str
     base = values.get(reference, {})
     out = {}
     for method, per_seed in values.items():
-        seeds = sorted(set(per_seed) & set(base))
-        if method in (reference, "teacher", "init") or "@" in method or not seeds:
+        if method in (reference, "teacher", "init") or "@" in method:
             continue
-        mean, stderr = report.mean_stderr([per_seed[s] - base[s] for s in seeds])
-        half = None if stderr is None else t_quantile(0.975, len(seeds) - 1) * stderr
-        out[method] = (mean, stderr, half, len(seeds))
+        interval = report.paired_difference(per_seed, base)
+        if interval is not None:
+            out[method] = interval
     return out
 
 
-def _difference(cell: tuple[float, float | None, float | None, int] | None) -> str:
-    if cell is None:
+def _difference(interval: report.Interval | None) -> str:
+    if interval is None:
         return "not run"
-    mean, _, half, n = cell
-    if half is None:
-        return f"{mean:+.4g} (n={n}, no interval)"
-    return f"{mean:+.4g} [{mean - half:+.4g}, {mean + half:+.4g}] (n={n})"
+    if interval.low is None:
+        return f"{interval.mean:+.4g} (n={interval.n}, no interval)"
+    return f"{interval.mean:+.4g} [{interval.low:+.4g}, {interval.high:+.4g}] (n={interval.n})"
 
 
 def _values(records: Sequence[dict[str, Any]], task: str, method: str, metric: str) -> list[float]:
@@ -117,8 +92,8 @@ def render_llm_markdown(records: Sequence[dict[str, Any]], *, task_order: Sequen
         lines += [f"## {task}", "", "Test blocks; mean +- standard error over seeds (n/a when n = 1).", ""]
         rows = [[m] + [_summary(mine, task, m, metric) for metric, _ in TEST_COLUMNS] for m in methods]
         lines += _table(["method", *(label for _, label in TEST_COLUMNS)], rows) + [""]
-        lines += [f"Paired difference to `kd` (method minus KD, same seed), mean [95% t interval over seeds]; "
-                  f"lower is better for perplexity and KL, higher for agreement and accuracy.", ""]
+        lines += ["Paired difference to `kd` (method minus KD, same seed), mean [95% t interval over seeds]; "
+                  "lower is better for perplexity and KL, higher for agreement and accuracy.", ""]
         diffs = {metric: paired_differences(mine, task, metric) for metric, _ in TEST_COLUMNS}
         trained = [m for m in methods if m not in ("teacher", "init", "kd")]
         rows = [[m] + [_difference(diffs[metric].get(m)) for metric, _ in TEST_COLUMNS] for m in trained]
