@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from amad import Distiller
 from amad.bench import llm_run, main
+from amad.bench.llm_alpha import ALPHA_SCALES, chosen_scales
 from amad.bench.llm_report import paired_differences
 from amad.bench.llm_text import SPLITS, corpus_documents, split_of, split_texts, text_blocks
 from amad.bench.teacher_cache import CachedTeacher
@@ -127,6 +129,22 @@ def test_paired_differences_are_per_seed() -> None:
     assert (interval.low, interval.high) == (pytest.approx(-1.0 - half), pytest.approx(-1.0 + half))
 
 
+def test_alpha_is_chosen_on_seed_0_validation_kl_with_ties_to_the_factor_closest_to_one() -> None:
+    def record(method: str, value: float, seed: int = 0, metric: str = "val_kl_to_teacher") -> dict:
+        return {"task": "t", "method": method, "seed": seed, "metric": metric, "value": value}
+
+    kl = {"kd+a": {0.0625: 3.0, 0.25: 2.0, 1.0: 2.5, 4.0: 9.0}, "kd+b": {0.0625: 1.0, 0.25: 1.5, 1.0: 1.0, 4.0: 1.0}}
+    records = [record(f"{m}@alpha{f:g}x", v) for m, per in kl.items() for f, v in per.items()]
+    records += [record("kd+a@alpha0.25x", 0.1, seed=1), record("kd+a@alpha4x", 0.1, metric="val_perplexity")]
+    records += [record("kd+c@alpha1x", 0.5)]  # not every factor scored: no choice yet
+    assert chosen_scales(records, "t", ["kd+a", "kd+b", "kd+c"]) == {"kd+a": 0.25, "kd+b": 1.0}
+    settings = llm_run.LLMDemoSettings(out=Path("unused"), seeds=2, alpha_sensitivity=True)
+    cells = llm_run.tuned_cells(records, {"t": None}, ["kd+a", "kd+b"], settings)
+    assert [(c.method, c.seed, c.base, c.alpha_scale, c.splits) for c in cells] == [
+        ("kd+a@x0.25", 0, "kd+a", 0.25, ("test",)), ("kd+a@x0.25", 1, "kd+a", 0.25, ("test",))]
+    assert llm_run.tuned_cells(records, {"t": None}, ["kd+a"], replace(settings, alpha_sensitivity=False)) == []
+
+
 # -- the pipeline ---------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def tiny_llm(monkeypatch, teacher) -> None:
@@ -141,22 +159,30 @@ def test_tiny_llm_demo_end_to_end_writes_outputs_and_resumes(tiny_llm, tmp_path:
     records = json.loads((out / "results.json").read_text())
     task = "smollm2-135m-l2-h2-kv1"
     cells = {(r["method"], r["seed"]) for r in records}
-    sensitivity = {f"{m}@alpha{s}x" for m in methods[1:] for s in ("0.5", "1", "2")} | {"kd@validation"}
-    assert cells == {(m, 0) for m in ["teacher", "init", *methods, *sensitivity]}
+    sensitivity = {f"{m}@alpha{s:g}x" for m in methods[1:] for s in ALPHA_SCALES} | {"kd@validation"}
+    kl = {r["method"]: r["value"] for r in records if r["metric"] == "val_kl_to_teacher"}
+    tuned = set()  # the factor with the lowest validation KL, where it is not 1, trained again on the test split
+    for method in methods[1:]:
+        best = min(ALPHA_SCALES, key=lambda f: (kl[f"{method}@alpha{f:g}x"], abs(math.log(f))))
+        tuned |= {f"{method}@x{best:g}"} if best != 1 else set()
+    assert cells == {(m, 0) for m in ["teacher", "init", *methods, *sensitivity, *tuned]}
+    assert tuned  # this tiny run chooses factors other than 1, so the tuned test cells are exercised
+    for name in tuned:
+        assert {(name, m) for m in llm_run.METRICS} <= {(r["method"], r["metric"]) for r in records}
     assert {r["task"] for r in records} == {task}
     metrics = {(r["method"], r["metric"]) for r in records}
     for method in methods:
         assert {(method, m) for m in llm_run.METRICS} <= metrics and (method, "val_perplexity") not in metrics
-    assert ("kd+amad-mse@alpha2x", "perplexity") not in metrics  # sensitivity: validation only
+    assert ("kd+amad-mse@alpha4x", "perplexity") not in metrics  # sensitivity: validation only
     assert {("teacher", "perplexity"), ("teacher", "val_perplexity")} <= metrics  # the Teacher on both splits, once
     assert len([r for r in records if r["method"] == "teacher"]) == 4
-    assert ("kd+amad-mse@alpha2x", "val_kl_to_teacher") in metrics and ("kd@validation", "val_perplexity") in metrics
+    assert ("kd+amad-mse@alpha4x", "val_kl_to_teacher") in metrics and ("kd@validation", "val_perplexity") in metrics
     alpha = {r["method"]: r["value"] for r in records if r["metric"] == "alpha_mean"}
-    assert alpha["kd+amad-mse@alpha2x"] == pytest.approx(4 * alpha["kd+amad-mse@alpha0.5x"], rel=1e-6)
-    assert alpha["kd+amad-mse@alpha1x"] == pytest.approx(2 * alpha["kd+amad-mse@alpha0.5x"], rel=1e-6)
+    assert alpha["kd+amad-mse@alpha4x"] == pytest.approx(64 * alpha["kd+amad-mse@alpha0.0625x"], rel=1e-6)
+    assert alpha["kd+amad-mse@alpha1x"] == pytest.approx(16 * alpha["kd+amad-mse@alpha0.0625x"], rel=1e-6)
     assert set(alpha) == {m for m in cells_methods(records) if "amad" in m or "minilm" in m}
     table = (out / "results.md").read_text()
-    assert "| kd+amad-mse |" in table and "Alpha sensitivity" in table and "no interval" in table
+    assert "| kd+amad-mse |" in table and "Alpha on validation" in table and "no interval" in table
     assert (out / "plots" / f"{task}-perplexity.png").stat().st_size > 1000
 
     lines: list[str] = []

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "Students with fewer heads and layers on Python's documentation text "
                              "(--students l<layers>-h<heads>-kv<kv heads>; docs/llm_demo.md)")
     parser.add_argument("--alpha-sensitivity", action="store_true",
-                        help="with --llm: also train each attention method at 0.5x, 1x and 2x its measured alpha "
-                             "(seed 0), scored on the validation blocks")
+                        help="with --llm: also train each attention method at 1/16, 1/4, 1 and 4 times its measured "
+                             "alpha (seed 0), scored on the validation blocks; a method whose best factor is not 1 is "
+                             "trained at it on every seed and scored on the test blocks")
     return parser
 
 

@@ -147,7 +147,8 @@ class Choice:
         return len(set(self.seeds.values())) == 1
 
 
-def _tie_rank(factor: float) -> tuple[float, float]:
+def tie_rank(factor: float) -> tuple[float, float]:
+    """Order of preference among equally scored factors: closest to 1 in log scale, then the smaller."""
     return abs(math.log(factor)), factor
 
 
@@ -181,6 +182,6 @@ def choose_factors(records: Iterable[dict[str, Any]], metrics: dict[str, str] | 
     for (task, base), grid in values.items():
         means = {f: sum(v.values()) / len(v) for f, v in grid.items()}
         best = max(means.values())
-        factor = min((f for f, m in means.items() if m == best), key=_tie_rank)
+        factor = min((f for f, m in means.items() if m == best), key=tie_rank)
         choices[(task, base)] = Choice(task, base, factor, means, {f: tuple(sorted(v)) for f, v in grid.items()})
     return choices

@@ -2,7 +2,7 @@
 
 Per Student: mean +- standard error over seeds of each method's test metrics; each method's paired difference
 to logit KD alone (per seed: method minus KD, same seed; mean, s.e. and a 95% t interval over seeds); the
-alpha sensitivity on the validation blocks; and the cost (seconds per step, measured alpha).
+alpha chosen on the validation blocks (:mod:`amad.bench.llm_alpha`); and the cost (seconds per step, measured alpha).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import report
+from .llm_alpha import ALPHA_SCALES, KD_VALIDATION, chosen_scales, is_sensitivity, variant_name
 
 TEST_COLUMNS = (("perplexity", "perplexity"), ("kl_to_teacher", "KL(T||S) nats/token"),
                 ("top1_agreement_pct", "top-1 agreement %"), ("next_token_accuracy_pct", "next-token acc. %"))
@@ -87,8 +88,8 @@ def render_llm_markdown(records: Sequence[dict[str, Any]], *, task_order: Sequen
         lines += [preamble.strip(), ""]
     for task in tasks:
         mine = [r for r in records if r["task"] == task]
-        methods = report._ordered({r["method"] for r in mine if "@" not in r["method"]},
-                                  ["teacher", "init", *method_order])
+        shown = {r["method"] for r in mine if not is_sensitivity(r["method"])}
+        methods = report._ordered(shown, ["teacher", "init", *_with_tuned(method_order, shown)])
         lines += [f"## {task}", "", "Test blocks; mean +- standard error over seeds (n/a when n = 1).", ""]
         rows = [[m] + [_summary(mine, task, m, metric) for metric, _ in TEST_COLUMNS] for m in methods]
         lines += _table(["method", *(label for _, label in TEST_COLUMNS)], rows) + [""]
@@ -98,27 +99,34 @@ def render_llm_markdown(records: Sequence[dict[str, Any]], *, task_order: Sequen
         trained = [m for m in methods if m not in ("teacher", "init", "kd")]
         rows = [[m] + [_difference(diffs[metric].get(m)) for metric, _ in TEST_COLUMNS] for m in trained]
         lines += _table(["method", *(f"d {label}" for _, label in TEST_COLUMNS)], rows) + [""]
-        lines += _sensitivity(mine, task, trained) + _cost(mine, task, [m for m in methods if m not in ("teacher", "init")])
+        lines += _sensitivity(mine, task, [m for m in trained if "@" not in m]) + _cost(mine, task, [m for m in methods if m not in ("teacher", "init")])
     return "\n".join(lines)
 
 
-def _sensitivity(records: Sequence[dict[str, Any]], task: str, methods: Sequence[str]) -> list[str]:
-    from .llm_run import ALPHA_SCALES, KD_VALIDATION, variant_name
+def _with_tuned(method_order: Sequence[str], names: set[str]) -> list[str]:
+    """Each method followed by its tuned cells (``<method>@x<f>``)."""
+    return [n for m in method_order for n in [m, *sorted(x for x in names if x.startswith(m + "@x"))]]
 
-    if not any("@" in r["method"] for r in records):
+
+def _sensitivity(records: Sequence[dict[str, Any]], task: str, methods: Sequence[str]) -> list[str]:
+    if not any(is_sensitivity(r["method"]) for r in records):
         return []
+    chosen = chosen_scales(records, task, methods)
     rows = []
     for method in ["kd", *methods]:
         names = [KD_VALIDATION] * len(ALPHA_SCALES) if method == "kd" else [variant_name(method, s) for s in ALPHA_SCALES]
         row = [method]
-        for metric in ("val_perplexity", "val_kl_to_teacher", "val_top1_agreement_pct"):
+        for metric in ("val_kl_to_teacher", "val_top1_agreement_pct"):
             for name in names:
                 values = _values(records, task, name, metric)
                 row.append(f"{values[0]:.3f}" if values else "-")
+        row.append("-" if method == "kd" else (f"x{chosen[method]:g}" if method in chosen else "incomplete"))
         rows.append(row)
-    header = ["method", *(f"{m} alpha {s:g}x" for m in ("val ppl", "val KL", "val agree %") for s in ALPHA_SCALES)]
-    return ["Alpha sensitivity (seed 0, validation blocks): alpha at 0.5x, 1x and 2x the measured one (`kd` has no "
-            "alpha: the same value in each column).", "", *_table(header, rows), ""]
+    header = ["method", *(f"{m} x{s:g}" for m in ("val KL", "val agree %") for s in ALPHA_SCALES), "chosen"]
+    return ["Alpha on validation (seed 0, validation blocks): each attention method at factors "
+            f"{', '.join(f'{s:g}' for s in ALPHA_SCALES)} of its measured alpha \"auto\"; the lowest validation KL "
+            "chooses (`kd` has no alpha: the same value in each column). A method whose choice is not 1 has test rows "
+            "`<method>@x<f>` above, trained at that factor on every seed.", "", *_table(header, rows), ""]
 
 
 def _cost(records: Sequence[dict[str, Any]], task: str, methods: Sequence[str]) -> list[str]:
@@ -143,6 +151,7 @@ def write_llm_outputs(out: Path, plots: bool, task_order: Sequence[str], scale: 
     path.write_text(render_llm_markdown(records, task_order=task_order, method_order=METHODS, preamble=preamble))
     if plots:
         shown = [r for r in records if r["metric"] in HIGHER_IS_BETTER and r["method"] != UNTRAINED
-                 and "@" not in r["method"]]
-        report.plot_metric_bars(shown, out / "plots", method_order=METHODS)
+                 and not is_sensitivity(r["method"])]
+        order = _with_tuned(METHODS, {r["method"] for r in shown})
+        report.plot_metric_bars(shown, out / "plots", method_order=order)
     return path

@@ -10,9 +10,9 @@ Student parameters as hard as the KD term), then scored on the test blocks: perp
 per token and top-1 next-token agreement. The seed draws the order of the training blocks and the batches
 alpha is measured on. ``init`` is the Student before training (seed 0), ``teacher`` the Teacher.
 
-Alpha sensitivity (``--alpha-sensitivity``, seed 0, its own cells): each attention method with alpha at 0.5x,
-1x and 2x the measured one (``alpha_ratio`` scaled, so alpha scales exactly) and ``kd``, scored on the validation
-blocks. Cells are named ``<method>@alpha<scale>x`` and ``kd@validation``; their metrics start ``val_``.
+Alpha (``--alpha-sensitivity``): every attention method on seed 0 at each factor of the fair protocol's grid,
+scored on the validation blocks, chooses its factor; methods whose choice is not 1 are trained again at it on
+every seed (:mod:`amad.bench.llm_alpha`).
 
 Output as the other demos: ``results.json`` (appended after every cell; a rerun skips finished cells),
 ``results.md`` and ``plots/``.
@@ -36,6 +36,7 @@ from ..capture import uniform_layer_map
 
 from . import report
 from .jobs import fingerprint, parse_method, quiet, training_arguments
+from .llm_alpha import ALPHA_SCALES, KD_VALIDATION, chosen_scales, tuned_name, variant_name
 from .llm_text import STUDENT_SHAPES, StudentShape, build_student, corpus_documents, relation_heads, text_blocks
 from .runner import DemoSummary, _check_run_file, _duration
 from .teacher_cache import CachedTeacher
@@ -48,8 +49,6 @@ METHODS: tuple[str, ...] = (
 )
 METRICS = ("perplexity", "kl_to_teacher", "top1_agreement_pct", "next_token_accuracy_pct")
 COST_METRICS = ("seconds_per_step", "alpha_mean")
-ALPHA_SCALES = (0.5, 1.0, 2.0)
-KD_VALIDATION = "kd@validation"
 _SHAPE = re.compile(r"^l(\d+)-h(\d+)-kv(\d+)$")
 
 
@@ -108,10 +107,6 @@ def parse_shape(name: str) -> StudentShape:
 
 def task_name(shape: StudentShape) -> str:
     return f"{TASK_PREFIX}-{shape.name}"
-
-
-def variant_name(method: str, scale: float) -> str:
-    return f"{method}@alpha{scale:g}x"
 
 
 def load_teacher() -> tuple[nn.Module, Any]:
@@ -269,6 +264,15 @@ def plan_cells(shapes: dict[str, StudentShape], methods: Sequence[str], seeds: i
     return cells
 
 
+def tuned_cells(records: Sequence[dict[str, Any]], shapes: dict[str, StudentShape], methods: Sequence[str],
+                settings: LLMDemoSettings) -> list[Cell]:
+    """With ``alpha_sensitivity``: the test cells, every seed, of each method at its chosen factor where it is not 1."""
+    if not settings.alpha_sensitivity:
+        return []
+    return [Cell(task, tuned_name(m, f), seed, m, f) for task in shapes
+            for m, f in chosen_scales(records, task, methods).items() if f != 1 for seed in range(settings.seeds)]
+
+
 def _records(task: str, method: str, seed: int, scores: dict[str, float]) -> list[dict[str, Any]]:
     return [{"task": task, "method": method, "seed": seed, "metric": k, "value": float(v)} for k, v in scores.items()]
 
@@ -335,8 +339,10 @@ def run_llm_demo(settings: LLMDemoSettings) -> DemoSummary:
     _check_run_file(out, f"llm-{settings.scale}",
                     {t: fingerprint(common, s.name, sys.version_info[:2]) for t, s in shapes.items()})
     results_path = out / "results.json"
-    done = {(r["task"], r["method"], r["seed"]) for r in report.load_results(results_path)}
+    records = report.load_results(results_path)
+    done = {(r["task"], r["method"], r["seed"]) for r in records}
     cells = plan_cells(shapes, methods, settings.seeds, settings.alpha_sensitivity)
+    cells += tuned_cells(records, shapes, methods, settings)
     todo = [c for c in cells if (c.task, c.method, c.seed) not in done]
     skipped = [(c.task, c.method, c.seed) for c in cells if (c.task, c.method, c.seed) in done]
     echo(f"amad demo --llm ({settings.scale}): {len(cells)} cells ({len(shapes)} Students x {settings.seeds} seeds x "
@@ -344,17 +350,27 @@ def run_llm_demo(settings: LLMDemoSettings) -> DemoSummary:
          f"already in {results_path}, {len(todo)} to run; {budget.steps} steps of {budget.batch_size} blocks each")
     trained: list[tuple[str, str, int]] = []
     failed: list[tuple[str, str, int]] = []
-    if todo:
-        quiet(settings.threads or torch.get_num_threads())
-        loading = time.perf_counter()
-        experiment = LLMExperiment(budget, echo)
-        gc.collect()
-        gc.freeze()  # the Teacher, the blocks and the caches live as long as the run: out of every later collection
-        echo(f"Teacher and text loaded in {time.perf_counter() - loading:.0f} s; {experiment.describe()}")
-        try:
-            trained, failed = _run_cells(experiment, shapes, todo, results_path, echo)
-        finally:
-            gc.unfreeze()
+    experiment = None
+    try:
+        while todo:
+            if experiment is None:
+                quiet(settings.threads or torch.get_num_threads())
+                loading = time.perf_counter()
+                experiment = LLMExperiment(budget, echo)
+                gc.collect()
+                gc.freeze()  # the Teacher, the blocks and the caches live as long as the run: out of later collections
+                echo(f"Teacher and text loaded in {time.perf_counter() - loading:.0f} s; {experiment.describe()}")
+            ran, lost = _run_cells(experiment, shapes, todo, results_path, echo)
+            trained, failed = trained + ran, failed + lost
+            records = report.load_results(results_path)
+            finished = {(r["task"], r["method"], r["seed"]) for r in records} | set(failed)
+            todo = [c for c in tuned_cells(records, shapes, methods, settings)
+                    if (c.task, c.method, c.seed) not in finished]
+            if todo:
+                echo(f"alpha chosen on validation: {len(todo)} cells of methods whose factor is not 1")
+    finally:
+        gc.unfreeze()
+    if experiment is not None:
         echo(f"the real Teacher ran on {experiment.teacher_passes()} blocks"
              + (" (the rest replayed from its cache)" if budget.teacher_cache else ""))
     table = write_llm_outputs(out, settings.plots, list(shapes), settings.scale)
