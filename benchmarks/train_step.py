@@ -81,12 +81,13 @@ def plain_amad(teacher_maps, student_maps):
     return ((t - mixed) ** 2).mean()
 
 
-def build(config: str, seq: int, layers: tuple[int, int] = (2, 2)):
-    """Teacher, Student (``layers`` = their depths), a batch and the loss of ``config`` (fixed seeds)."""
+def build(config: str, seq: int, layers: tuple[int, int] = (2, 2), impl: str | None = None):
+    """Teacher, Student (``layers`` = their depths), a batch and the loss of ``config`` (fixed seeds); ``impl``:
+    the models' attention implementation (default: eager for ``output_attns``, else SDPA)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    impl = "eager" if config == "output_attns" else "sdpa"
+    impl = impl or ("eager" if config == "output_attns" else "sdpa")
 
     def model(sizes: dict, depth: int, seed: int):
         torch.manual_seed(seed)
