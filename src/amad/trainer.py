@@ -32,8 +32,9 @@ already sharded by :func:`amad.distributed.shard_for_fsdp`. The Teacher and the
 Student are then sharded over the ranks (accelerate's own FSDP would shard the
 Student only), ``save_model`` gathers the full Student, and checkpoints need
 ``save_only_model=True``; resuming and ``load_best_model_at_end`` under FSDP are
-refused. DeepSpeed, FSDP1, an FSDP ``accelerate config`` and SageMaker model
-parallelism are not supported.
+refused. DeepSpeed (``TrainingArguments(deepspeed=...)``): at ZeRO stage 3 the Teacher
+gets its own partitioned engine as well (:mod:`amad.zero`). FSDP1, an FSDP
+``accelerate config`` and SageMaker model parallelism are not supported.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.trainer_pt_utils import nested_detach
 from transformers.utils import find_labels
 
+from . import zero
 from .checkpoints import AtomicCheckpoints
 from .distiller import Distiller
 from .distiller_state import (  # noqa: F401  (DISTILLER_STATE_NAME, STUDENT_PREFIX: public here too)
@@ -132,13 +134,21 @@ class DistillationTrainer(AtomicCheckpoints, Trainer):
             )
         if self.args.label_smoothing_factor != 0:
             raise ValueError("label_smoothing_factor is not supported: the loss is the Distiller's (use gt_weight)")
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_fsdp_enabled:
             raise ValueError(
-                "DistillationTrainer supports single-device, DDP and its own FSDP2 (TrainingArguments(fsdp=True) or "
-                "amad.distributed.shard_for_fsdp), not DeepSpeed (its ZeRO engine would partition the Student only, "
-                "the Teacher staying whole on every rank) or an FSDP accelerate config (it would shard the Student "
-                "only): launch with torchrun or a plain multi-GPU accelerate config; see docs/distributed.md"
+                "DistillationTrainer supports single-device, DDP, its own FSDP2 (TrainingArguments(fsdp=True) or "
+                "amad.distributed.shard_for_fsdp) and DeepSpeed, not an FSDP accelerate config (it would shard the "
+                "Student only): launch with torchrun or a plain multi-GPU accelerate config; see docs/distributed.md"
             )
+        self._teacher_engine = None
+        if self.is_deepspeed_enabled:
+            if is_sharded(self.distiller):
+                raise ValueError("a Distiller sharded with FSDP2 cannot also run under DeepSpeed: choose one")
+            plugin = self.accelerator.state.deepspeed_plugin
+            zero.fill_student_options(plugin.deepspeed_config, self.args, self.distiller.student)
+            if zero.zero_stage(self.accelerator) == 3:  # the Trainer's engine partitions the Student; the Teacher:
+                zero.check_alpha(self.distiller)
+                self._teacher_engine = zero.partition_teacher(self.distiller.teacher, self.accelerator, self.args)
         if is_sharded(self.distiller) and not getattr(self, "is_distributed_loading_by_transformers", False):
             raise RuntimeError(
                 "this transformers' Trainer cannot run a model sharded before it (it would wrap it in DDP); FSDP "
@@ -306,6 +316,13 @@ class DistillationTrainer(AtomicCheckpoints, Trainer):
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def resolve_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        path = super().resolve_checkpoint(resume_from_checkpoint)
+        if path is not None and self.is_deepspeed_enabled:
+            raise ValueError("resuming from a checkpoint is not supported under DeepSpeed yet (the Distiller's own "
+                             "state is not restored by its engine); train without resuming, or resume without DeepSpeed")
+        return path
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if is_sharded(self.distiller):
