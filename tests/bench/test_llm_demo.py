@@ -169,6 +169,7 @@ def test_tiny_llm_demo_end_to_end_writes_outputs_and_resumes(tiny_llm, tmp_path:
     assert tuned  # this tiny run chooses factors other than 1, so the tuned test cells are exercised
     for name in tuned:
         assert {(name, m) for m in llm_run.METRICS} <= {(r["method"], r["metric"]) for r in records}
+        assert name in paired_differences(records, task, "kl_to_teacher")  # a tuned row is compared with KD too
     assert {r["task"] for r in records} == {task}
     metrics = {(r["method"], r["metric"]) for r in records}
     for method in methods:

@@ -42,7 +42,7 @@ def paired_differences(records: Sequence[dict[str, Any]], task: str, metric: str
     base = values.get(reference, {})
     out = {}
     for method, per_seed in values.items():
-        if method in (reference, "teacher", "init") or "@" in method:
+        if method in (reference, "teacher", "init") or is_sensitivity(method):
             continue
         interval = report.paired_difference(per_seed, base)
         if interval is not None:
