@@ -172,3 +172,15 @@ def teacher_and_student(
     torch.manual_seed(seed + 1)
     student = build(student_layers, student_heads).to(dtype)
     return teacher, student
+
+
+def peaked_pair(family: str) -> tuple[nn.Module, nn.Module]:
+    """:func:`teacher_and_student` with every linear weight drawn wider (std 0.5 instead of 0.02): peaked attention
+    maps, so that an attention loss is sizeable (the sharding tests compare it, not just KD)."""
+    teacher, student = teacher_and_student(family)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in [*teacher.modules(), *student.modules()]:
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.5)
+    return teacher, student

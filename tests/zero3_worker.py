@@ -49,12 +49,7 @@ def hooks_backend_check() -> dict[str, object]:
 
     from amad import Distiller
 
-    teacher, student = mf.teacher_and_student("vilt")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # wider weights than the factory's 0.02: peaked attention maps, a sizeable AMAD term
-        for module in [*teacher.modules(), *student.modules()]:
-            if isinstance(module, nn.Linear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.5)
+    teacher, student = mf.peaked_pair("vilt")
     partitioned = copy.deepcopy(teacher)
     engine, *_ = deepspeed.initialize(model=partitioned, config={
         "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
