@@ -64,6 +64,19 @@ def is_sharded(module: nn.Module) -> bool:
     return unwrapped_class(module) is not type(module)
 
 
+def require_given_alpha(distiller: "Distiller", sharding: str) -> None:
+    """Refuse a measured alpha under ``sharding`` (FSDP, ZeRO-3) and skip the balance check of given weights: both
+    take gradients with respect to whole Student parameters, which the sharding splits."""
+    if distiller.auto_alpha and not distiller.alpha_frozen:
+        raise ValueError(
+            f"alpha={distiller.alpha_rule!r} is not measured under {sharding} yet: its gradients are taken with "
+            f"respect to the Student's parameters, which {sharding} shards; give alpha numbers or 'paper'"
+        )
+    if distiller.measuring_alpha:
+        distiller._alpha_done.fill_(True)
+        logger.info("alpha: the gradient balance check of the given weights is skipped under %s", sharding)
+
+
 def _blocks(model: nn.Module, layer_classes: Iterable[str] | None, role: str) -> list[nn.Module]:
     """The modules of ``model`` to shard one by one, innermost first."""
     explicit = layer_classes is not None
@@ -122,14 +135,7 @@ def shard_for_fsdp(
             "shard_for_fsdp needs torch.distributed initialised on every rank: launch with torchrun (or accelerate "
             "launch) and call it after init_process_group, e.g. after reading TrainingArguments.device"
         )
-    if distiller.auto_alpha and not distiller.alpha_frozen:
-        raise ValueError(
-            f"alpha={distiller.alpha_rule!r} is not measured under FSDP yet: its gradients are taken with respect "
-            "to the Student's parameters, which FSDP shards; give alpha numbers or 'paper'"
-        )
-    if distiller.measuring_alpha:  # the balance check of given weights needs the same whole-parameter gradients
-        distiller._alpha_done.fill_(True)
-        logger.info("alpha: the gradient balance check of the given weights is skipped under FSDP")
+    require_given_alpha(distiller, "FSDP")
     if is_sharded(distiller):
         raise ValueError("this Distiller is already sharded (shard_for_fsdp was applied to it before)")
     layer_classes = None if layer_classes is None else list(layer_classes)

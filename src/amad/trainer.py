@@ -147,8 +147,7 @@ class DistillationTrainer(AtomicCheckpoints, Trainer):
             plugin = self.accelerator.state.deepspeed_plugin
             zero.fill_student_options(plugin.deepspeed_config, self.args, self.distiller.student)
             if zero.zero_stage(self.accelerator) == 3:  # the Trainer's engine partitions the Student; the Teacher:
-                zero.check_alpha(self.distiller)
-                self._teacher_engine = zero.partition_teacher(self.distiller.teacher, self.accelerator, self.args)
+                self._teacher_engine = zero.partition_teacher(self.distiller, self.accelerator, self.args)
         if is_sharded(self.distiller) and not getattr(self, "is_distributed_loading_by_transformers", False):
             raise RuntimeError(
                 "this transformers' Trainer cannot run a model sharded before it (it would wrap it in DDP); FSDP "

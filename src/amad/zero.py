@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .distributed import require_given_alpha
+
 if TYPE_CHECKING:
     from .distiller import Distiller
 
@@ -78,21 +80,13 @@ def teacher_config(deepspeed_config: dict, args: Any, teacher: nn.Module) -> dic
     return config
 
 
-def check_alpha(distiller: "Distiller") -> None:
-    """Refuse a measured alpha (its gradients need whole Student parameters); skip the balance check of given ones."""
-    if distiller.auto_alpha and not distiller.alpha_frozen:
-        raise ValueError(
-            f"alpha={distiller.alpha_rule!r} is not measured under DeepSpeed ZeRO-3 yet: its gradients are taken with "
-            "respect to the Student's parameters, which ZeRO-3 partitions; give alpha numbers or 'paper'"
-        )
-    if distiller.measuring_alpha:
-        distiller._alpha_done.fill_(True)
-        logger.info("alpha: the gradient balance check of the given weights is skipped under ZeRO-3")
-
-
-def partition_teacher(teacher: nn.Module, accelerator: Any, args: Any) -> Any:
-    """Partition ``teacher`` with ZeRO-3 in place (its own DeepSpeed engine, returned: keep it alive)."""
+def partition_teacher(distiller: "Distiller", accelerator: Any, args: Any) -> Any:
+    """Partition the Distiller's Teacher with ZeRO-3 in place (its own DeepSpeed engine, returned: keep it alive);
+    a measured alpha is refused first (:func:`amad.distributed.require_given_alpha`)."""
     import deepspeed
+
+    require_given_alpha(distiller, "DeepSpeed ZeRO-3")
+    teacher = distiller.teacher
 
     config = teacher_config(accelerator.state.deepspeed_plugin.deepspeed_config, args, teacher)
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
