@@ -104,7 +104,34 @@ def test_grid_tie_goes_to_the_factor_closest_to_one() -> None:
     assert fair.choose_factors(records)[("caption", "kd+shd")].factor == 1.0
     records = [r for r in records if r["method"] != "kd+shd@x1" or r["seed"] == 0]
     choice = fair.choose_factors(records)[("caption", "kd+shd")]
-    assert choice.factor == 3.0 and not choice.complete  # x1 now has one seed (mean 10); 3 beats 0.3 on |log|, size
+    # x1 now has seed 0 only: every factor is compared on seed 0 (10 each), so the tie goes to 1 again, but the
+    # other factors have a seed the choice did not see: not final.
+    assert choice.factor == 1.0 and choice.compared == (0,) and not choice.complete
+
+
+def test_grid_seeds_choose_on_the_first_seeds_only() -> None:
+    """Seed 0 ran the grid, seeds 1 and 2 only the chosen factor: the choice compares seed 0 alone, is final, and
+    the later seeds (here far better at x1 than seed 0) cannot move it."""
+    records = []
+    for factor, val in (("0.25", 30.0), ("1", 20.0), ("4", 10.0)):
+        records += _records("vqa", f"kd+shd@x{factor}", "val_accuracy", [val])
+        records += _records("vqa", f"kd+shd@x{factor}", "accuracy", [val + 1])
+    records += _records("vqa", "kd+shd@x0.25", "val_accuracy", [0.0, 5.0, 6.0])[1:]
+    records += _records("vqa", "kd+shd@x0.25", "accuracy", [0.0, 8.0, 9.0])[1:]
+    choice = fair.choose_factors(records)[("vqa", "kd+shd")]
+    assert choice.factor == 0.25 and choice.compared == (0,) and choice.complete
+    assert choice.validation == {0.25: 30.0, 1.0: 20.0, 4.0: 10.0}
+    assert fair.grid_choices(records, "vqa", ["kd", "kd+shd"], (0.25, 1.0, 4.0), 1) == {"kd+shd": "kd+shd@x0.25"}
+    row = next(r for r in fair_report.fair_rows(records) if r["method"] == "kd+shd")
+    assert row["test"]["n"] == 3 and row["test"]["mean"] == pytest.approx((31.0 + 8.0 + 9.0) / 3)
+    # sensitivity compares the factors on seed 0 only, not x0.25's three seeds against one
+    assert row["sensitivity"]["test"] == {"worst": {"factor": 4.0, "mean": 11.0},
+                                          "best": {"factor": 0.25, "mean": 31.0}}
+    text = fair_report.render_fair_tables(records)
+    assert "(incomplete)" not in text
+    # a grid seed short of a factor: no choice for the later seeds, and the error names the missing cell
+    with pytest.raises(ValueError, match=r"kd\+shd@x4 seed 1.*--first-seed 0 --seeds 2"):
+        fair.grid_choices(records, "vqa", ["kd+shd"], (0.25, 1.0, 4.0), 2)
 
 
 def test_fair_table_columns_and_numbers(tmp_path: Path) -> None:

@@ -248,3 +248,29 @@ def test_tiny_real_run_writes_records_and_resumes(minilm, tmp_path: Path) -> Non
     assert json.loads((out / "results.json").read_text()) == records
     with pytest.raises(ValueError, match="another configuration"):
         run_text_demo(TextDemoSettings(out=out, scale="quick", methods=["kd"], echo=lines.append))
+
+
+@pytest.mark.minilm
+def test_tiny_real_run_with_grid_seeds(minilm, tmp_path: Path) -> None:
+    """--grid-seeds 1: seed 0 runs every factor, seed 1 only the one chosen on seed 0's validation scores; a later
+    seed alone on an empty directory is refused before any training."""
+    from amad.bench import main
+    from amad.bench.fair import choose_factors
+
+    out = tmp_path / "real"
+    common = ["--real", "--scale", "tiny", "--out", str(out), "--methods", "amad-kl", "--alpha-grid", "0.5,2",
+              "--no-paper-alpha", "--jobs", "1", "--no-plots", "--students", "h4-d256-l3"]
+    with pytest.raises(ValueError, match=r"seeds 0\.\.0 is not finished.*kd\+amad-kl@x0\.5 seed 0"):
+        main([*common, "--first-seed", "1", "--seeds", "1", "--grid-seeds", "1"])
+    assert not (out / "results.json").exists()
+    with pytest.raises(SystemExit):  # a command starting inside the grid seeds but not at 0
+        main([*common, "--first-seed", "1", "--seeds", "2", "--grid-seeds", "2"])
+
+    assert main([*common, "--seeds", "2", "--grid-seeds", "1"]) == 0
+    records = json.loads((out / "results.json").read_text())
+    task = "minilm-text-h4-d256-l3"
+    choice = choose_factors(records)[(task, "kd+amad-kl")]
+    cells = {(r["method"], r["seed"]) for r in records}
+    assert cells == {("init", 0), ("kd+amad-kl@x0.5", 0), ("kd+amad-kl@x2", 0), ("init", 1), (choice.name, 1)}
+    assert choice.compared == (0,) and choice.complete
+    assert "Grid seeds: only seeds 0 ran every factor" in (out / "results.md").read_text()

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--quick contradicts --scale {args.scale}")
     if args.alpha_sensitivity and not args.llm:
         parser.error("--alpha-sensitivity belongs to --llm")
+    if args.grid_seeds is not None and not args.real:
+        parser.error("--grid-seeds belongs to --real (the Shapes demo runs the grid on every seed; --llm: "
+                     "--alpha-sensitivity)")
     if args.llm:
         if args.alpha_grid is not None or args.paper_alpha is not None:
             parser.error("--alpha-grid and --paper-alpha belong to the Shapes and --real demos; "

@@ -14,8 +14,12 @@
   the losses' "paper" reduction, for the losses the paper used (:data:`PAPER_ALPHA`): a row of its own.
 - Records: test metrics under their own names, validation metrics as ``val_<metric>`` (:func:`validation_metric`).
 - Selection (:func:`choose_factors`): per setting and method, the factor whose mean validation metric over
-  seeds is best (every metric here is higher-is-better); a tie goes to the factor closest to 1 (in log scale),
-  then to the smaller one. Only the chosen factor's *test* numbers are reported as the method's.
+  seeds is best (every metric here is higher-is-better; the mean over the seeds every factor has); a tie goes to
+  the factor closest to 1 (in log scale), then to the smaller one. Only the chosen factor's *test* numbers are
+  reported as the method's.
+- Grid seeds (:func:`grid_choices`, ``amad demo --real --grid-seeds K``): where cells are dear, only seeds
+  ``0 .. K-1`` run the grid; a later seed runs each loss at the factor chosen on those seeds' validation scores,
+  so the choice still never sees a test score and the later seeds cannot change it.
 """
 
 from __future__ import annotations
@@ -134,8 +138,9 @@ class Choice:
     task: str
     base: str
     factor: float
-    validation: dict[float, float]  # factor -> mean validation metric over its seeds
+    validation: dict[float, float]  # factor -> mean validation metric over the compared seeds
     seeds: dict[float, tuple[int, ...]]  # factor -> seeds with a validation record
+    compared: tuple[int, ...] = ()  # the seeds every factor has, the means' seeds; () when none: each its own
 
     @property
     def name(self) -> str:
@@ -143,8 +148,10 @@ class Choice:
 
     @property
     def complete(self) -> bool:
-        """Every factor was scored on the same seeds (else the choice may change when the run resumes)."""
-        return len(set(self.seeds.values())) == 1
+        """The choice is final: every factor but the chosen one has exactly the compared seeds (seeds beyond them
+        only at the chosen factor, run after the choice: ``grid_seeds``). Else it may change when the run resumes."""
+        return bool(self.compared) and all(set(s) == set(self.compared) for f, s in self.seeds.items()
+                                           if f != self.factor)
 
 
 def tie_rank(factor: float) -> tuple[float, float]:
@@ -180,8 +187,29 @@ def choose_factors(records: Iterable[dict[str, Any]], metrics: dict[str, str] | 
         values.setdefault((r["task"], variant.base), {}).setdefault(variant.factor, {})[r["seed"]] = float(r["value"])
     choices = {}
     for (task, base), grid in values.items():
-        means = {f: sum(v.values()) / len(v) for f, v in grid.items()}
+        compared = set.intersection(*(set(v) for v in grid.values()))
+        means = {f: sum(v[s] for s in (compared or v)) / len(compared or v) for f, v in grid.items()}
         best = max(means.values())
         factor = min((f for f, m in means.items() if m == best), key=tie_rank)
-        choices[(task, base)] = Choice(task, base, factor, means, {f: tuple(sorted(v)) for f, v in grid.items()})
+        choices[(task, base)] = Choice(task, base, factor, means, {f: tuple(sorted(v)) for f, v in grid.items()},
+                                       tuple(sorted(compared)))
     return choices
+
+
+def grid_choices(records: Iterable[dict[str, Any]], task: str, bases: Iterable[str], grid: Sequence[float],
+                 grid_seeds: int) -> dict[str, str]:
+    """``base -> the chosen cell's name`` for seeds that run one factor only: chosen on the validation records of
+    seeds ``0 .. grid_seeds - 1`` of ``task``, each of which must have every factor of ``grid`` (else a ValueError
+    naming the missing cells)."""
+    records = [r for r in records if r["task"] == task and r["seed"] < grid_seeds]
+    bases = [b for b in bases if b.startswith("kd+")]
+    present = {(r["method"], r["seed"]) for r in records if is_validation(r["metric"])}
+    missing = [f"{Variant(b, factor=f).name} seed {s}" for b in bases for f in grid for s in range(grid_seeds)
+               if (Variant(b, factor=f).name, s) not in present]
+    if missing:
+        raise ValueError(f"{task}: the alpha grid of seeds 0..{grid_seeds - 1} is not finished, so no factor can be "
+                         f"chosen for the later seeds; missing {len(missing)} cell(s): {', '.join(missing[:6])}"
+                         f"{' ...' if len(missing) > 6 else ''}. Run those seeds first (same --out, --first-seed 0 "
+                         f"--seeds {grid_seeds}).")
+    choices = choose_factors(records)
+    return {b: choices[(task, b)].name for b in bases}

@@ -23,8 +23,11 @@ training data) is chosen, and its *test* numbers are reported. `@paper`: the pap
 100 KL-type, reduction "paper"), not tuned. Test: mean over seeds [95 % confidence interval, t distribution with
 n - 1 degrees of freedom] (n seeds). Paired difference to `kd` (logit KD, or the embedding loss alone): mean over
 seeds of (method - kd) on the same seed [95 % CI]; it does not account for the choice of factor. Sensitivity:
-the test mean at the worst and the best factor of the grid (and the validation means the choice saw); a factor
-marked '(incomplete)' was chosen before every factor had the same seeds."""
+the test mean at the worst and the best factor of the grid over the seeds every factor has (and the validation
+means the choice saw); a factor marked '(incomplete)' was chosen before every factor had the same seeds."""
+GRID_SEEDS_NOTE = """Grid seeds: only seeds {seeds} ran every factor of the grid (`--grid-seeds`); the later seeds ran each
+attention loss at the factor chosen on those seeds' validation scores. The choice and the sensitivity columns use
+seeds {seeds}; the test numbers and paired differences, every seed."""
 
 
 def _per_seed(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], dict[int, float]]:
@@ -35,9 +38,17 @@ def _per_seed(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], d
 
 
 def _grid_means(values: dict, task: str, choice: Choice, metric: str) -> dict[float, float]:
-    """factor -> mean of ``metric`` over that factor's seeds (factors without a record left out)."""
-    keys = {f: (task, f"{choice.base}@x{f:g}", metric) for f in choice.validation}
-    return {f: sum(values[k].values()) / len(values[k]) for f, k in keys.items() if k in values}
+    """factor -> mean of ``metric`` over the seeds the choice compared (over that factor's own seeds where it lacks
+    them; factors without a record left out)."""
+    means = {}
+    for f in choice.validation:
+        seeds = values.get((task, f"{choice.base}@x{f:g}", metric), {})
+        compared = [seeds[s] for s in choice.compared if s in seeds]
+        if compared and len(compared) == len(choice.compared):
+            means[f] = sum(compared) / len(compared)
+        elif seeds:
+            means[f] = sum(seeds.values()) / len(seeds)
+    return means
 
 
 def _extremes(means: dict[float, float]) -> dict[str, Any] | None:
@@ -236,6 +247,10 @@ def write_fair_markdown(path: Any, records: Sequence[dict[str, Any]], *, title: 
     if preamble:
         parts += [preamble.strip(), ""]
     parts += [FAIR_NOTE.format(metric=" / ".join(selection)), ""]
+    grid_seeds = sorted({c.compared for c in choose_factors(records).values()
+                         if c.compared and any(len(s) > len(c.compared) for s in c.seeds.values())})
+    if grid_seeds:
+        parts += [GRID_SEEDS_NOTE.format(seeds=" / ".join(", ".join(map(str, s)) for s in grid_seeds)), ""]
     parts += [render_fair_tables(records, task_order=task_order, method_order=method_order, metrics=metrics,
                                  task_notes=task_notes)]
     appendix = report.render_markdown(records, task_order=task_order, method_order=all_cells_order,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 from . import fair_report, report
 from .alpha import alpha_path
-from .fair import DEFAULT_GRID, expand_methods, parse_variant, variant_order
+from .fair import DEFAULT_GRID, expand_methods, grid_choices, parse_variant, variant_order
 from .jobs import fingerprint, parse_method, snapshot_path
 from .minilm_experiment import (  # noqa: F401  (BUDGETS, TextExperiment: used by benchmarks/)
     BUDGETS, DEFAULT_SEEDS, FULL_SETTINGS, UNTRAINED, TextBudget, TextExperiment, parse_setting,
@@ -72,6 +72,7 @@ class TextDemoSettings:
     echo: Callable[[str], None] = field(default=print)
     alpha_grid: Sequence[float] = DEFAULT_GRID
     paper_alpha: bool = True
+    grid_seeds: int | None = None  # only seeds below it run the grid; None: every seed
 
 
 def task_name(setting: str) -> str:
@@ -127,6 +128,11 @@ def _checked(settings: TextDemoSettings) -> tuple[TextBudget, list[str]]:
         raise ValueError(f"the real demo needs kd or kd+<loss> methods, seeds >= 1 and first seed >= 0 (not "
                          f"{_UNSUPPORTED}: {_UNSUPPORTED_WHY}); got methods {methods}, seeds {settings.seeds}, "
                          f"first seed {settings.first_seed}")
+    if settings.grid_seeds is not None and not (settings.grid_seeds >= 1 and (
+            settings.first_seed == 0 or settings.first_seed >= settings.grid_seeds)):
+        raise ValueError(f"--grid-seeds {settings.grid_seeds}: give K >= 1 and start at seed 0 (the grid seeds "
+                         f"first) or at a seed >= K (the grid seeds already run); got --first-seed "
+                         f"{settings.first_seed}")
     return budget, [UNTRAINED, *expand_methods(methods, settings.alpha_grid, settings.paper_alpha)]
 
 
@@ -144,34 +150,75 @@ def _run_text_demo(settings: TextDemoSettings) -> DemoSummary:
     common = {k: v for k, v in asdict(budget).items() if k != "students"}
     _check_run_file(out, f"minilm-{settings.scale}",
                     {task_name(s): fingerprint(common, s, sys.version_info[:2]) for s in budget.students})
-
     results_path = out / "results.json"
+    seeds = list(seed_range(settings))
+    grid_seeds = len(seeds) if settings.grid_seeds is None else settings.grid_seeds
+    phases = [[s for s in seeds if s < grid_seeds], [s for s in seeds if s >= grid_seeds]]
+    if phases[1] and not phases[0]:  # the later seeds' factors must be known before any training
+        _cells(settings, budget, methods, phases[1], report.load_results(results_path))
+    summary = DemoSummary([], [], [], 0.0, results_path, results_path)
+    for phase in (p for p in phases if p):
+        if summary.failed:
+            echo(f"seeds {', '.join(map(str, phase))} not run: a cell of the grid seeds failed, so no factor can be "
+                 "chosen for them; fix it and rerun the same command (finished cells are kept)")
+            break
+        _run_cells(settings, budget, _cells(settings, budget, methods, phase, report.load_results(results_path)),
+                   summary)
+    table = write_text_outputs(out, settings.plots, [task_name(s) for s in budget.students], budget.other_domain)
+    summary.seconds, summary.table = time.perf_counter() - started, table
+    echo(f"amad demo --real finished in {_duration(summary.seconds)}: {len(summary.trained)} cells run, "
+         f"{len(summary.skipped)} skipped, {len(summary.failed)} failed; {results_path}, {table}, {out / 'plots'}")
+    return summary
+
+
+def _cells(settings: TextDemoSettings, budget: TextBudget, methods: Sequence[str], seeds: Sequence[int],
+           records: Sequence[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """``(setting, method, seed)`` of every cell of ``seeds``: each loss at every factor of the grid, or, on a seed
+    at or after ``grid_seeds``, at the factor chosen on the grid seeds (:func:`amad.bench.fair.grid_choices`)."""
+    cells = []
+    for seed in seeds:
+        for setting in budget.students:
+            kept = methods
+            if settings.grid_seeds is not None and seed >= settings.grid_seeds:
+                chosen = grid_choices(records, task_name(setting), {parse_variant(m).base for m in methods},
+                                      settings.alpha_grid, settings.grid_seeds)
+                kept = [m for m in methods if parse_variant(m).factor is None or m in chosen.values()]
+            cells += [(setting, m, seed) for m in kept]
+    return cells
+
+
+def _run_cells(settings: TextDemoSettings, budget: TextBudget, cells: Sequence[tuple[str, str, int]],
+               summary: DemoSummary) -> None:
+    """Train the cells not yet in ``results.json`` in ``--jobs`` workers, appending their records."""
+    out, echo, results_path = Path(settings.out), settings.echo, summary.results
     done = {(r["task"], r["method"], r["seed"]) for r in report.load_results(results_path)}
-    cells = [(s, m, seed) for seed in seed_range(settings) for s in budget.students for m in methods]
-    keys = [(task_name(s), m, seed) for s, m, seed in cells]
-    todo = [cell for cell, key in zip(cells, keys) if key not in done]
-    skipped = [key for key in keys if key in done]
+    todo = [c for c in cells if (task_name(c[0]), c[1], c[2]) not in done]
+    summary.skipped += [(task_name(s), m, seed) for s, m, seed in cells if (task_name(s), m, seed) in done]
     jobs = max(1, min(settings.jobs, len(todo) or 1))
     threads = settings.threads or max(1, (os.cpu_count() or 1) // jobs)
     grid = ",".join(f"{f:g}" for f in settings.alpha_grid)
-    echo(f"amad demo --real ({settings.scale}): {len(cells)} cells ({len(budget.students)} Student settings x "
-         f"{settings.seeds} seeds x {len(methods)} methods incl. {UNTRAINED}, alpha grid x{grid}"
-         f"{' + paper' if settings.paper_alpha else ''}), {len(skipped)} already in {results_path}, {len(todo)} to "
-         f"run; {jobs} worker(s) x {threads} torch thread(s)")
-    trained: list[tuple[str, str, int]] = []
-    failed: list[tuple[str, str, int]] = []
+    seeds = sorted({seed for _, _, seed in cells})
+    echo(f"amad demo --real ({settings.scale}): {len(cells)} cells ({len(budget.students)} Student settings, seeds "
+         f"{', '.join(map(str, seeds))}, {UNTRAINED} and the methods, alpha grid x{grid}"
+         f"{' + paper' if settings.paper_alpha else ''}"
+         f"{f'; grid on seeds below {settings.grid_seeds} only' if settings.grid_seeds is not None else ''}), "
+         f"{len(cells) - len(todo)} already in {results_path}, {len(todo)} to run; {jobs} worker(s) x {threads} "
+         f"torch thread(s)")
+    finished = 0
     phase = time.perf_counter()
 
     def on_done(job: TextJob, result: dict | None, error: str | None) -> None:
-        cell, i = (task_name(job.setting), job.method, job.seed), len(trained) + len(failed) + 1
-        name = f"cell {i}/{len(todo)} {cell[0]} {job.method} seed {job.seed}"
+        nonlocal finished
+        finished += 1
+        cell = (task_name(job.setting), job.method, job.seed)
+        name = f"cell {finished}/{len(todo)} {cell[0]} {job.method} seed {job.seed}"
         if error:
-            failed.append(cell)
+            summary.failed.append(cell)
             echo(f"{name} FAILED\n{error}")
             return
         report.append_results(results_path, _records(*cell, result["scores"]))
-        trained.append(cell)
-        eta = (time.perf_counter() - phase) / i * (len(todo) - i)
+        summary.trained.append(cell)
+        eta = (time.perf_counter() - phase) / finished * (len(todo) - finished)
         echo(f"{name}: {_format(result['scores'])} ({result['seconds']:.1f}s, CPU {result['cpu']:.1f}s); "
              f"eta {_duration(eta)}")
 
@@ -184,11 +231,6 @@ def _run_text_demo(settings: TextDemoSettings) -> DemoSummary:
             pool.close(interrupted=True)
             raise
         pool.close()
-    table = write_text_outputs(out, settings.plots, [task_name(s) for s in budget.students], budget.other_domain)
-    seconds = time.perf_counter() - started
-    echo(f"amad demo --real finished in {_duration(seconds)}: {len(trained)} cells run, {len(skipped)} skipped, "
-         f"{len(failed)} failed; {results_path}, {table}, {out / 'plots'}")
-    return DemoSummary(trained, skipped, failed, seconds, results_path, table)
 
 
 def write_text_outputs(out: Path, plots: bool = True, task_order: Sequence[str] = (), other: int | str = "the") -> Path:
@@ -228,6 +270,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --real: Student settings h<heads>-d<width>-l<layers>[-from-teacher][-uniform] "
                              f"(default quick: {', '.join(BUDGETS['quick'].students)}; full: "
                              f"{', '.join(FULL_SETTINGS)}); with --llm: see docs/llm_demo.md")
+    parser.add_argument("--grid-seeds", type=int, default=None, metavar="K",
+                        help="with --real: only seeds 0..K-1 run every factor of the alpha grid; later seeds run each "
+                             "attention loss at the factor chosen on those seeds' validation scores (default: every "
+                             "seed runs the grid)")
 
 
 def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -240,7 +286,7 @@ def main_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     settings = TextDemoSettings(out=args.out, scale=scale, seeds=seeds, first_seed=args.first_seed,
                                 methods=args.methods or list(METHODS),
                                 students=args.students, jobs=jobs, threads=args.threads, plots=not args.no_plots,
-                                alpha_grid=args.alpha_grid, paper_alpha=args.paper_alpha)
+                                alpha_grid=args.alpha_grid, paper_alpha=args.paper_alpha, grid_seeds=args.grid_seeds)
     try:
         _checked(settings)
     except ValueError as error:
