@@ -1,15 +1,16 @@
 """The benchmarks' fair protocol: every attention loss gets its weight from one grid, chosen on validation data.
 
 - Cells: ``gt`` and ``kd`` have no attention loss, hence no alpha. A method ``kd+<loss>`` runs once per factor
-  ``f`` of the grid (default 1/16, 1/4, 1, 4) as ``kd+<loss>@x<f>``, with ``alpha = f * alpha_auto``:
+  ``f`` of the grid (default 1/16, 1/4, 1, 4, 16) as ``kd+<loss>@x<f>``, with ``alpha = f * alpha_auto``:
   ``alpha_auto`` is what the Distiller's ``alpha="auto"`` measures for that setting, method and seed on the
   cell's own calibration batches (:mod:`amad.bench.alpha`), so ``@x1`` is the untuned "auto" run.
 - Why that grid: alpha "auto" makes the attention term pull on the Student as hard as the KD term (gradient-norm
-  balance), the one point where neither term's loss decides alone. 4 and 1/4 let either term dominate by 4x; 1/16
-  was added after the first full run (Shapes captioning, grid 1/4, 1, 4) chose 1/4, the grid's lower end, on
-  *validation* for 4 of its 8 losses and 4 for none. Four points cost four cells per loss and seed; a finer grid
-  (``--alpha-grid``) costs more. An optimum at an end of the grid is visible in the report (its sensitivity
-  columns).
+  balance), the one point where neither term's loss decides alone; 4 and 1/4 let either term dominate by 4x. Each
+  end was added when a full run's *validation* scores chose it: 1/16 after Shapes captioning (grid 1/4, 1, 4) chose
+  1/4 for 4 of its 8 losses, 16 after Shapes VQA (grid 1/16 .. 4) chose 4 for SHD and MiniLMv2 relations in both
+  VQA settings and for head-mean with a pre-trained Student. Five points cost five cells per loss and seed; a
+  finer grid (``--alpha-grid``) costs more. An optimum at an end of the grid is visible in the report (its
+  sensitivity columns).
 - ``kd+<loss>@paper``: the paper's hand-set alpha (0.2 for its MSE-type losses, 100 for its KL-type ones) with
   the losses' "paper" reduction, for the losses the paper used (:data:`PAPER_ALPHA`): a row of its own.
 - Records: test metrics under their own names, validation metrics as ``val_<metric>`` (:func:`validation_metric`).
@@ -28,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-DEFAULT_GRID: tuple[float, ...] = (0.0625, 0.25, 1.0, 4.0)
+DEFAULT_GRID: tuple[float, ...] = (0.0625, 0.25, 1.0, 4.0, 16.0)
 # The command line's default grid per scale: --quick keeps to its time (x1: alpha "auto", untuned).
 DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {"tiny": (1.0,), "quick": (1.0,), "full": DEFAULT_GRID}
 PAPER = "paper"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .alpha import cached_auto_alpha, cell_alpha, measure_auto_alpha
+from .batch_cache import BatchCachedTeacher
 from .fair import parse_variant, with_validation
 from .jobs import parse_method, save_snapshot
 from .minilm_text import (
@@ -146,6 +147,10 @@ class TextExperiment:
         self._seeds: dict[int, SeedData] = {}
         self._bases: dict[int, torch.Tensor] = {}
         self._other: tuple[list[str], torch.Tensor] | None = None
+        # The Distillers' Teacher: every cell of a seed trains on the same batches, so the Teacher runs once per
+        # batch (per worker process) and is replayed after (amad.bench.batch_cache); emptied when the seed changes.
+        self.cached_teacher = BatchCachedTeacher(self.teacher, max_batches=max(1, budget.steps))
+        self._cached_seed: int | None = None
 
     def student(self, setting: TextSetting | StudentShape, seed: int) -> nn.Module:
         """The seed's untrained Student of the setting (the same weights for every method)."""
@@ -213,13 +218,21 @@ class TextExperiment:
         return with_validation(test, score(data.validation, data.validation_embeddings))
 
     def distiller(self, student: nn.Module, method: str, setting: TextSetting | StudentShape,
-                  alpha: Any = "auto", options: dict | None = None) -> nn.Module:
+                  alpha: Any = "auto", options: dict | None = None, seed: int | None = None) -> nn.Module:
+        """The cell's Distiller; with ``seed``, on the seed's cached Teacher (same losses, the Teacher run once per
+        batch), else on the live Teacher (its module names then lack the ``teacher.`` prefix)."""
         from ..distiller import Distiller
 
         setting = _as_setting(setting)
         loss = parse_method(method).attention_loss
         options = {**loss_options(loss, setting.shape, self.teacher.config.hidden_size), **(options or {})}
-        return Distiller(self.teacher, student, attention_loss=loss, layers=setting.layers, alpha=alpha,
+        teacher = self.teacher
+        if seed is not None:
+            if seed != self._cached_seed:
+                self.cached_teacher.clear()
+                self._cached_seed = seed
+            teacher = self.cached_teacher
+        return Distiller(teacher, student, attention_loss=loss, layers=setting.layers, alpha=alpha,
                          output_loss=EmbeddingLoss(self.budget.embedding_loss), attention_loss_options=options,
                          alpha_batches=self.budget.alpha_batches)
 
@@ -247,14 +260,14 @@ class TextExperiment:
         variant = parse_variant(method)
 
         def measure() -> list[float]:
-            distiller = self.distiller(self.student(setting, seed), variant.base, setting)
+            distiller = self.distiller(self.student(setting, seed), variant.base, setting, seed=seed)
             return measure_auto_alpha(distiller, lambda callbacks: self.train(distiller, data, seed, callbacks))
 
         auto: Callable[[], list[float]] = measure if alpha_cache is None else (
             lambda: cached_auto_alpha(alpha_cache, measure))
         alpha, options = cell_alpha(variant, auto)
         student = self.student(setting, seed)
-        distiller = self.distiller(student, variant.base, setting, alpha, options)
+        distiller = self.distiller(student, variant.base, setting, alpha, options, seed=seed)
         self.train(distiller, data, seed)
         if snapshot is not None:
             first = [{"input_ids": self.tokenizer(data.held_out[0])["input_ids"]}]

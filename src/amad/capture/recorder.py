@@ -101,6 +101,12 @@ def _recording_attention(
     return slot.original(module, query, key, value, attention_mask, **kwargs)
 
 
+def recorded_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the attention layers of ``model`` that an active recorder is recording now (layers on
+    the attention interface: their calls go through the recorder)."""
+    return [(name, module) for name, module in model.named_modules() if module in _ACTIVE]
+
+
 def _register() -> None:
     if not _ACTIVE:
         AttentionInterface.register(RECORDING_IMPLEMENTATION, _recording_attention)
