@@ -77,7 +77,8 @@ def test_an_entry_without_the_recorded_layer_runs_the_teacher_again() -> None:
         got, want = _step(cached, batch), _step(live, batch)
         assert torch.equal(got[0], want[0]) and all(torch.equal(g, w) for g, w in zip(got[1], want[1]))
         assert (cache.teacher_passes, cache.replays) == (passes, replays)
-    _step(cached, _batch(4))  # max_batches=1: the older batch is dropped
-    assert len(cache.store) == 1 and cache.teacher_passes == 3
+    _step(cached, _batch(4))  # max_batches=1: the new batch is computed, not stored; the stored one stays
+    _step(cached, batch)
+    assert len(cache.store) == 1 and (cache.teacher_passes, cache.replays) == (3, 2)
     with pytest.raises(ValueError, match="max_batches"):
         BatchCachedTeacher(teacher, max_batches=0)

@@ -8,7 +8,9 @@ tensors, byte for byte. The first time one is seen, the real Teacher runs on it 
 moment, the arguments the layer was called with. A later call with the same batch returns the stored
 ``last_hidden_state`` and calls only the recorded layers again, with their stored arguments: the recorder sees
 the very Q, K and V of a full forward pass (same inputs, same module, same kernel), and the Teacher's other
-layers do not run. A call recording a layer the entry lacks runs the real Teacher again and adds it.
+layers do not run. A call recording a layer the entry lacks runs the real Teacher again and adds it. Once
+``max_batches`` batches are stored, new ones are computed but not stored (a cell meets its batches in the same
+order every time: evicting the oldest would turn every later call into a miss).
 
 Module names are those of the wrapped Teacher under ``teacher.`` (``teacher.encoder.layer.5.attention.self``).
 Only what the Distiller reads is returned: ``last_hidden_state`` (the Teacher's sentence embedding is its mean).
@@ -16,7 +18,6 @@ Only what the Distiller reads is returned: ``last_hidden_state`` (the Teacher's 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +66,7 @@ class BatchCachedTeacher(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.config = teacher.config
         self.max_batches = max_batches
-        self.store: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.store: dict[tuple, _Entry] = {}  # at most max_batches; once full, new batches are not stored
         self.teacher_passes = 0  # batches the real Teacher ran on
         self.replays = 0  # batches served from the store
 
@@ -79,7 +80,6 @@ class BatchCachedTeacher(nn.Module):
         key = _batch_key(batch)
         entry = self.store.get(key)
         if entry is not None and set(recorded) <= set(entry.calls):
-            self.store.move_to_end(key)
             for name in recorded:
                 args, kwargs = entry.calls[name]
                 recorded[name](*args, **kwargs)
@@ -104,8 +104,6 @@ class BatchCachedTeacher(nn.Module):
                 handle.remove()
         self.teacher_passes += 1
         entry = _Entry(hidden, {**(entry.calls if entry else {}), **calls})
-        self.store[key] = entry
-        self.store.move_to_end(key)
-        while len(self.store) > self.max_batches:
-            self.store.popitem(last=False)
+        if key in self.store or len(self.store) < self.max_batches:  # full: keep what is stored (a cell's batches
+            self.store[key] = entry  # come round in the same order, so evicting would make every call a miss)
         return entry

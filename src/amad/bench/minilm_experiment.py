@@ -149,7 +149,8 @@ class TextExperiment:
         self._other: tuple[list[str], torch.Tensor] | None = None
         # The Distillers' Teacher: every cell of a seed trains on the same batches, so the Teacher runs once per
         # batch (per worker process) and is replayed after (amad.bench.batch_cache); emptied when the seed changes.
-        self.cached_teacher = BatchCachedTeacher(self.teacher, max_batches=max(1, budget.steps))
+        # A cell meets a little more than `steps` distinct batches; the room left covers the snapshot's batches.
+        self.cached_teacher = BatchCachedTeacher(self.teacher, max_batches=2 * budget.steps + 16)
         self._cached_seed: int | None = None
 
     def student(self, setting: TextSetting | StudentShape, seed: int) -> nn.Module:
