@@ -151,11 +151,11 @@ def _run_text_demo(settings: TextDemoSettings) -> DemoSummary:
     _check_run_file(out, f"minilm-{settings.scale}",
                     {task_name(s): fingerprint(common, s, sys.version_info[:2]) for s in budget.students})
     results_path = out / "results.json"
-    seeds = list(seed_range(settings))
-    grid_seeds = len(seeds) if settings.grid_seeds is None else settings.grid_seeds
-    phases = [[s for s in seeds if s < grid_seeds], [s for s in seeds if s >= grid_seeds]]
-    if phases[1] and not phases[0]:  # the later seeds' factors must be known before any training
-        _cells(settings, budget, methods, phases[1], report.load_results(results_path))
+    seeds, grid_seeds = list(seed_range(settings)), settings.grid_seeds
+    # the grid seeds first; the later ones' factors are chosen on them (each phase's cells are listed, or refused,
+    # before it trains anything)
+    phases = [seeds] if grid_seeds is None else [[s for s in seeds if s < grid_seeds], [s for s in seeds
+                                                                                         if s >= grid_seeds]]
     summary = DemoSummary([], [], [], 0.0, results_path, results_path)
     for phase in (p for p in phases if p):
         if summary.failed:
