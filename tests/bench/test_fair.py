@@ -107,6 +107,7 @@ def test_grid_tie_goes_to_the_factor_closest_to_one() -> None:
     # x1 now has seed 0 only: every factor is compared on seed 0 (10 each), so the tie goes to 1 again, but the
     # other factors have a seed the choice did not see: not final.
     assert choice.factor == 1.0 and choice.compared == (0,) and not choice.complete
+    assert fair_report.grid_seeds_note(records) == ""  # a run in progress, not grid seeds
 
 
 def test_grid_seeds_choose_on_the_first_seeds_only() -> None:
@@ -129,6 +130,7 @@ def test_grid_seeds_choose_on_the_first_seeds_only() -> None:
                                           "best": {"factor": 0.25, "mean": 31.0}}
     text = fair_report.render_fair_tables(records)
     assert "(incomplete)" not in text
+    assert fair_report.grid_seeds_note(records).startswith("Grid seeds: only seeds 0 ran every factor")
     # a grid seed short of a factor: no choice for the later seeds, and the error names the missing cell
     with pytest.raises(ValueError, match=r"kd\+shd@x4 seed 1.*--first-seed 0 --seeds 2"):
         fair.grid_choices(records, "vqa", ["kd+shd"], (0.25, 1.0, 4.0), 2)

@@ -236,6 +236,15 @@ def write_fair_json(path: str | Path, records: Sequence[dict[str, Any]], *, task
     return path
 
 
+def grid_seeds_note(records: Sequence[dict[str, Any]]) -> str:
+    """The note for grids whose later seeds ran the chosen factor only: final choices (every other factor on the
+    compared seeds alone) with more seeds at the chosen factor; "" when there is none. A run still in progress,
+    whose other factors also have extra seeds, is not one (its rows say '(incomplete)')."""
+    grid_seeds = sorted({c.compared for c in choose_factors(records).values()
+                         if c.complete and len(c.seeds[c.factor]) > len(c.compared)})
+    return GRID_SEEDS_NOTE.format(seeds=" / ".join(", ".join(map(str, s)) for s in grid_seeds)) if grid_seeds else ""
+
+
 def write_fair_markdown(path: Any, records: Sequence[dict[str, Any]], *, title: str, preamble: str = "",
                         task_order: Sequence[str] = (), method_order: Sequence[str] = (),
                         metrics: Sequence[str] | None = None, task_notes: dict[str, str] | None = None,
@@ -247,10 +256,9 @@ def write_fair_markdown(path: Any, records: Sequence[dict[str, Any]], *, title: 
     if preamble:
         parts += [preamble.strip(), ""]
     parts += [FAIR_NOTE.format(metric=" / ".join(selection)), ""]
-    grid_seeds = sorted({c.compared for c in choose_factors(records).values()
-                         if c.compared and any(len(s) > len(c.compared) for s in c.seeds.values())})
-    if grid_seeds:
-        parts += [GRID_SEEDS_NOTE.format(seeds=" / ".join(", ".join(map(str, s)) for s in grid_seeds)), ""]
+    note = grid_seeds_note(records)
+    if note:
+        parts += [note, ""]
     parts += [render_fair_tables(records, task_order=task_order, method_order=method_order, metrics=metrics,
                                  task_notes=task_notes)]
     appendix = report.render_markdown(records, task_order=task_order, method_order=all_cells_order,
