@@ -235,7 +235,8 @@ def test_tiny_real_run_writes_records_and_resumes(minilm, tmp_path: Path) -> Non
     assert f"## {task}" in table and "initialised from the Teacher" in table
     assert "| kd+amad-mse | " in table and "| x1 | " in table and "### stdlib docstrings" in table
     plots = {p.name for p in (out / "plots").iterdir()}
-    assert {f"{task}-cosine_pct.png", f"{task}-top1_pct.png", f"{task}-stdlib_top1_pct.png"} <= plots
+    assert {f"{task}-cosine_pct.png", f"{task}-top1_pct.png", f"{task}-stdlib_top1_pct.png",
+            f"{task}-stdlib_cosine_pct.png", f"{task}-stdlib_top5_pct.png"} <= plots
     assert any(name.endswith("-similarity.png") for name in plots)
 
     lines: list[str] = []
