@@ -133,3 +133,19 @@ def test_unknown_method_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         main(["--scale", "tiny", "--out", str(tmp_path), "--methods", "kd+no-such-loss"])
     assert "no-such-loss" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("validation_images", [0, 8])
+def test_validation_images_are_the_last_training_images(validation_images: int) -> None:
+    import dataclasses
+
+    from amad.bench.tasks import TASKS, _shapes
+
+    budget = dataclasses.replace(TASKS["vqa"].budget("tiny"), validation_images=validation_images)
+    data, _ = _shapes(budget)
+    assert len(data["train"]) == budget.train_images - validation_images
+    assert len(data["validation"]) == validation_images
+    full, _ = _shapes(dataclasses.replace(budget, validation_images=0))
+    assert data["validation"]["questions"] == full["train"]["questions"][len(data["train"]):]
+    with pytest.raises(ValueError, match="leaves no training image"):
+        _shapes(dataclasses.replace(budget, validation_images=budget.train_images))

@@ -177,7 +177,7 @@ def _shapes(budget: Budget) -> tuple[Any, Any]:
     if kept < 1:
         raise ValueError(f"validation_images {budget.validation_images} leaves no training image of "
                          f"{budget.train_images}")
-    data["validation"] = data["train"].select(range(kept, budget.train_images))
+    data["validation"] = data["train"].select(range(kept, budget.train_images) if budget.validation_images else [])
     data["train"] = data["train"].select(range(kept))
     return data, build_shapes_tokenizer(data)
 
