@@ -272,7 +272,8 @@ def run_job(job: Job) -> dict[str, Any]:
             "cached": cached}
 
 
-def _teacher(task: Any, data: TaskData, budget: Budget) -> nn.Module:
+def seeded_teacher(task: Any, data: TaskData, budget: Budget) -> nn.Module:
+    """The demo's untrained Teacher of ``task`` (seed 0, so every cell and process builds the same one)."""
     torch.manual_seed(0)
     return task.build_teacher(data, budget)
 
@@ -280,7 +281,7 @@ def _teacher(task: Any, data: TaskData, budget: Budget) -> nn.Module:
 def _teacher_job(task: Any, data: TaskData, budget: Budget, out: Path) -> tuple[dict[str, float], bool]:
     """Train (or load) the Teacher; it is stored before it is evaluated, its scores after."""
     directory = teacher_dir(out, task.name, budget)
-    model = _teacher(task, data, budget)
+    model = seeded_teacher(task, data, budget)
     cached = (directory / "model.safetensors").is_file()
     if cached:
         scores = load_model(model, directory)
@@ -325,7 +326,7 @@ def _cell_job(setting: Any, data: TaskData, budget: Budget, out: Path, seed: int
     """Train the seed's Student with the variant's method and alpha; its test and validation (``val_``) scores."""
     task = setting.task
     method = parse_method(variant.base)
-    teacher = _teacher(task, data, budget)
+    teacher = seeded_teacher(task, data, budget)
     load_model(teacher, teacher_dir(out, task.name, budget))
     teacher.eval()
     collate = data.fixed_collate if method.attention_loss == "amad-projected" else data.collate
