@@ -34,8 +34,8 @@ SCALES = ("tiny", "quick", "full")
 
 # Model overrides per scale. The head counts are the paper's ratios: VL-T5 12 -> 8, BLIP 8 -> 4 (the make_*
 # defaults). "full" trains the quick models on twice the data with about twice the steps: 3 seeds of every
-# setting took 1 h 23 min on one CPU core (docs/results/README.md). 16 x 16 patches are the scene's 3 x 3 grid cells (the patching is shared by Teacher and Student, so
-# their maps keep the same q x k).
+# setting took 1 h 23 min on one CPU core before the alpha grid (docs/results/README.md). 16 x 16 patches are the
+# scene's 3 x 3 grid cells (the patching is shared by Teacher and Student, so their maps keep the same q x k).
 _GRID_PATCHES = dict(patch_size=16)
 _SHORT_RUN = dict(dropout_rate=0.0, **_GRID_PATCHES)  # a few hundred steps: no dropout
 _VLT5_QUICK = (dict(d_model=96, d_kv=8, d_ff=192, num_layers=3, num_decoder_layers=2, **_SHORT_RUN),
