@@ -149,3 +149,17 @@ def test_validation_images_are_the_last_training_images(validation_images: int) 
     assert data["validation"]["questions"] == full["train"]["questions"][len(data["train"]):]
     with pytest.raises(ValueError, match="leaves no training image"):
         _shapes(dataclasses.replace(budget, validation_images=budget.train_images))
+
+
+def test_a_cell_without_validation_rows_is_refused_before_training(tmp_path: Path) -> None:
+    import dataclasses
+
+    from amad.bench.fair import parse_variant
+    from amad.bench.jobs import _cell_job
+    from amad.bench.tasks import get_setting
+
+    setting = get_setting("vqa")
+    budget = dataclasses.replace(setting.task.budget("tiny"), validation_images=0)
+    data = setting.task.prepare(budget)
+    with pytest.raises(ValueError, match="no validation rows .*validation_images=0"):
+        _cell_job(setting, data, budget, tmp_path, 0, parse_variant("kd"))  # no Teacher stored: it must not get there

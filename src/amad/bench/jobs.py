@@ -325,6 +325,7 @@ def initial_student(setting: Any, data: TaskData, budget: Budget, out: Path, see
 def _cell_job(setting: Any, data: TaskData, budget: Budget, out: Path, seed: int, variant: Variant) -> dict[str, float]:
     """Train the seed's Student with the variant's method and alpha; its test and validation (``val_``) scores."""
     task = setting.task
+    data.rows("validation")  # every cell is also scored on validation: refuse before training when there is none
     method = parse_method(variant.base)
     teacher = seeded_teacher(task, data, budget)
     load_model(teacher, teacher_dir(out, task.name, budget))

@@ -122,7 +122,9 @@ class TaskData:
             raise ValueError(f"unknown evaluation split {split!r}; expected 'test' or 'validation'")
         rows = self.test if split == "test" else self.validation
         if not rows:
-            raise ValueError(f"this task's data has no {split} rows")
+            hint = " (its budget holds out validation_images=0; alpha is chosen on validation rows: hold some " \
+                   "training images out)" if split == "validation" else ""
+            raise ValueError(f"this task's data has no {split} rows{hint}")
         return rows
 
 
