@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from amad.bench import report
+from amad.bench import fair_summary, report
 from amad.bench.minilm_run import TASK_PREFIX, write_text_outputs
 from amad.bench.runner import write_outputs
 
@@ -33,3 +34,41 @@ def test_committed_tables_are_rewritten_identically_from_their_records(committed
     for name in ("results.md", "results_fair.json"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), f"{committed / name} was edited " \
             f"or written by other code: rerun its command (docs/results/README.md) to rewrite it from results.json"
+
+
+def test_committed_summary_is_rewritten_identically_from_the_runs() -> None:
+    assert (RESULTS / fair_summary.SUMMARY_FILE).read_text() == fair_summary.render_summary(
+        fair_summary.load_runs(RESULTS)), "docs/results/summary.md is stale or edited: python benchmarks/fair_summary.py"
+
+
+def _row(method: str, alpha: str | None, mean: float, diff: tuple[float, float] | None, spread=None) -> dict:
+    return {"task": "t", "metric": "accuracy", "method": method, "alpha": alpha, "test": {"mean": mean},
+            "vs_kd": diff and {"mean": sum(diff) / 2, "ci_low": diff[0], "ci_high": diff[1], "n": 3},
+            "sensitivity": spread and {"test": {"worst": {"factor": 16.0, "mean": spread[0]},
+                                                "best": {"factor": 0.25, "mean": spread[1]}}}}
+
+
+def test_summary_ranks_tuned_losses_and_counts_intervals_that_exclude_zero(tmp_path: Path) -> None:
+    rows = [_row("kd", None, 50.0, None), _row("kd+shd", "x1", 60.0, (5.0, 15.0), (40.0, 60.0)),
+            _row("kd+amad-kl", "x4", 55.0, (-1.0, 11.0)), _row("kd+amad-kl@paper", "paper", 61.0, (2.0, 20.0)),
+            _row("kd+head-mean", "x0.25", 45.0, (-9.0, -1.0))]
+    entry = {"task": "t", "metric": "accuracy", "kd": {"mean": 50.0, "ci_low": 49.0, "ci_high": 51.0, "n": 3},
+             "best": {k: rows[3][k] for k in ("method", "alpha", "test", "vs_kd")},
+             "best_amad": {k: rows[3][k] for k in ("method", "alpha", "test", "vs_kd")}}
+    run = tmp_path / "fair-x"
+    run.mkdir()
+    (run / "results_fair.json").write_text(json.dumps({"summary": [entry], "rows": rows}))
+    text = fair_summary.render_summary(fair_summary.load_runs(tmp_path))
+    line = next(l for l in text.splitlines() if l.startswith("| t (fair-x)"))
+    # the paper row is the best row but not ranked; among tuned losses AMAD (55) is 2nd of 3; shd is above kd, head-mean below
+    assert "amad-kl@paper 61.00, +11.00" in line and line.endswith("| 2 of 3 | 1 / 1 |"), line
+    assert "| shd | 20.0: 60.00 (x0.25) / 40.00 (x16) |" in text and "| amad-kl | - |" in text
+
+
+def test_summary_without_runs_names_the_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        fair_summary.load_runs(tmp_path)
+    (tmp_path / "fair-broken").mkdir()
+    (tmp_path / "fair-broken" / "results_fair.json").write_text("{")
+    with pytest.raises(ValueError, match="fair-broken"):
+        fair_summary.load_runs(tmp_path)

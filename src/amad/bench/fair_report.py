@@ -139,7 +139,7 @@ def fair_rows(records: Sequence[dict[str, Any]], *, task_order: Sequence[str] = 
     return rows
 
 
-def _interval(entry: dict[str, Any] | None, signed: bool = False) -> str:
+def format_interval(entry: dict[str, Any] | None, signed: bool = False) -> str:
     if entry is None:
         return "n/a"
     return report.Interval(entry["mean"], entry["ci_low"], entry["ci_high"], entry["n"]).format(signed=signed)
@@ -174,13 +174,13 @@ def _summary_markdown(summary: Sequence[dict[str, Any]]) -> list[str]:
     def named(entry: dict[str, Any] | None) -> str:
         if entry is None:
             return "n/a"
-        paired = _interval(entry["vs_kd"], signed=True)
-        return f"{entry['method']} ({entry['alpha']}): {_interval(entry['test'])}, vs kd {paired}"
+        paired = format_interval(entry["vs_kd"], signed=True)
+        return f"{entry['method']} ({entry['alpha']}): {format_interval(entry['test'])}, vs kd {paired}"
 
     lines = ["## Summary", "", "| setting | metric | kd | best attention loss | best AMAD variant |",
              "|---|---|---|---|---|"]
     for s in summary:
-        lines.append(f"| {s['task']} | {report.metric_label(s['metric'])} | {_interval(s['kd'])} | "
+        lines.append(f"| {s['task']} | {report.metric_label(s['metric'])} | {format_interval(s['kd'])} | "
                      f"{named(s['best'])} | {named(s['best_amad'])} |")
     return lines + ["", "Best = highest test mean (a description, not a selection: alpha is chosen on validation). "
                     "A difference to kd counts as a win or a loss only when its 95 % interval excludes 0.", ""]
@@ -213,8 +213,10 @@ def render_fair_tables(records: Sequence[dict[str, Any]], *, task_order: Sequenc
                     factor += " (incomplete)"
                 spans = ([_span(row["sensitivity"]["test"]), _span(row["sensitivity"]["validation"])]
                          if row["sensitivity"] else ["-", "-"])
-                paired = {REFERENCE: "reference", "teacher": "-"}.get(row["method"]) or _interval(row["vs_kd"], True)
-                cells = [row["method"], f"{_interval(row['test'])} (n={row['test']['n']})", paired, factor, *spans]
+                paired = ({REFERENCE: "reference", "teacher": "-"}.get(row["method"])
+                          or format_interval(row["vs_kd"], True))
+                test = f"{format_interval(row['test'])} (n={row['test']['n']})"
+                cells = [row["method"], test, paired, factor, *spans]
                 if paper:
                     cells.append("n/a" if row["paper"] is None else row["paper"])
                 lines.append("| " + " | ".join(cells) + " |")
