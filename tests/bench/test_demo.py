@@ -103,9 +103,15 @@ def test_tiny_end_to_end_run_writes_outputs_and_resumes(tmp_path: Path) -> None:
     assert any(name.endswith("-maps.png") for name in plots)
     assert all((out / "plots" / name).stat().st_size > 1000 for name in plots)
 
-    # Rerun: nothing is trained again (not even the Teacher), the records are unchanged.
+    # Rerun: nothing is trained again (not even the Teacher), the records are unchanged; a former best AMAD's
+    # map plots of this task are replaced, another task's kept.
+    former = out / "plots" / "vqa-kd_amad-kl@x4-seed1-pair0-maps.png"
+    other = out / "plots" / "vqa-pretrained-kd_amad-kl@x1-seed0-pair0-maps.png"
+    former.write_bytes(b"old")
+    other.write_bytes(b"other")
     lines: list[str] = []
     summary = _run(out, lines)
+    assert not former.exists() and other.read_bytes() == b"other"
     assert summary.trained == [] and len(summary.skipped) == 3 and summary.failed == []
     assert not any("Teacher" in line for line in lines)
     assert json.loads((out / "results.json").read_text()) == records

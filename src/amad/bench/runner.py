@@ -319,9 +319,12 @@ def _grid_factors(records: Sequence[dict]) -> list[float]:
 
 
 def write_plots(out: Path, records: list[dict], method_order: Sequence[str]) -> None:
-    """``OUT/plots``: each metric per method with error bars, and the best AMAD Student's stored maps."""
+    """``OUT/plots``: each metric per method with error bars, and the best AMAD Student's stored maps (replacing
+    those of a former best)."""
     report.plot_metric_bars(records, out / "plots", method_order=method_order)
     for task, (method, seed) in report.best_amad_runs(records).items():
+        for stale in (out / "plots").glob(f"{task}-kd_amad-*-seed*-pair*-*.png"):  # a former best's maps
+            stale.unlink()
         path = snapshot_path(out, task, method, seed)
         if path.is_file():
             report.plot_snapshot(path, out / "plots", f"{task}-{method.replace('+', '_')}-seed{seed}")
