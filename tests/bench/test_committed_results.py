@@ -63,6 +63,9 @@ def test_summary_ranks_tuned_losses_and_counts_intervals_that_exclude_zero(tmp_p
     # the paper row is the best row but not ranked; among tuned losses AMAD (55) is 2nd of 3; shd is above kd, head-mean below
     assert "amad-kl@paper 61.00, +11.00" in line and line.endswith("| 2 of 3 | 1 / 1 |"), line
     assert "| shd | 20.0: 60.00 (x0.25) / 40.00 (x16) |" in text and "| amad-kl | - |" in text
+    rows[2]["alpha_complete"] = False  # a run still in progress says so
+    (run / "results_fair.json").write_text(json.dumps({"summary": [entry], "rows": rows}))
+    assert "| t (fair-x) (incomplete) |" in fair_summary.render_summary(fair_summary.load_runs(tmp_path))
 
 
 def test_summary_without_runs_names_the_directory(tmp_path: Path) -> None:

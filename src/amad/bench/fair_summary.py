@@ -23,7 +23,8 @@ Written by `python benchmarks/fair_summary.py` from each `fair-*/results_fair.js
 run's full tables: its `results.md`; its command and reading: `README.md` here). "Best" is the highest
 *test* mean: a description, not a selection (each loss's alpha factor was chosen on validation). "Tuned" rows ran
 at the factor validation chose; `@paper` rows at the paper's alpha. Above / below kd: tuned losses whose paired
-95 % interval to kd excludes 0, on the side named.
+95 % interval to kd excludes 0, on the side named. "(incomplete)": a run still in progress (some factor was
+chosen before every factor had the same seeds).
 """
 
 
@@ -88,7 +89,8 @@ def render_summary(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
         for entry in data["summary"]:
             tuned = _tuned(_headline_rows(data, entry))
             columns.append((entry["task"], {r["method"]: r for r in tuned}))
-            lines.append(f"| {entry['task']} ({name}) | {report.metric_label(entry['metric'])} | "
+            unfinished = " (incomplete)" if any(r.get("alpha_complete") is False for r in tuned) else ""
+            lines.append(f"| {entry['task']} ({name}){unfinished} | {report.metric_label(entry['metric'])} | "
                          f"{format_interval(entry['kd'])} | {_named(entry['best'])} | {_named(entry['best_amad'])} | "
                          f"{_amad_rank(tuned)} | {_sides(tuned)} |")
     methods = list(dict.fromkeys(m for _, by_method in columns for m in by_method))
