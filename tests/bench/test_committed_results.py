@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,14 @@ def test_summary_without_runs_names_the_directory(tmp_path: Path) -> None:
     (tmp_path / "fair-broken" / "results_fair.json").write_text("{")
     with pytest.raises(ValueError, match="fair-broken"):
         fair_summary.load_runs(tmp_path)
+    (tmp_path / "fair-broken" / "results_fair.json").write_text('{"rows": []}')
+    with pytest.raises(ValueError, match=r"fair-broken.*lacks \['summary'\]"):
+        fair_summary.load_runs(tmp_path)
+
+
+def test_the_documented_summary_command_writes_the_committed_file(tmp_path: Path) -> None:
+    for run in FAIR_RUNS:
+        shutil.copy(run / "results_fair.json", (tmp_path / run.name).mkdir() or tmp_path / run.name)
+    script = RESULTS.parents[1] / "benchmarks" / "fair_summary.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
+    assert (tmp_path / "summary.md").read_text() == (RESULTS / "summary.md").read_text()

@@ -33,9 +33,13 @@ def load_runs(results_dir: str | Path) -> list[tuple[str, dict[str, Any]]]:
     runs = []
     for path in sorted(Path(results_dir).glob("fair-*/results_fair.json")):
         try:
-            runs.append((path.parent.name, json.loads(path.read_text())))
+            data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not valid JSON ({exc}); rewrite it by rerunning its run's command") from exc
+        missing = {"summary", "rows"} - set(data if isinstance(data, dict) else ())
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}: not a fair-protocol report; rerun its run's command")
+        runs.append((path.parent.name, data))
     if not runs:
         raise FileNotFoundError(f"no fair-*/results_fair.json under {results_dir}: run a fair-protocol demo first")
     return runs
