@@ -63,8 +63,10 @@ def test_summary_ranks_tuned_losses_and_counts_intervals_that_exclude_zero(tmp_p
     text = fair_summary.render_summary(fair_summary.load_runs(tmp_path))
     line = next(l for l in text.splitlines() if l.startswith("| t (fair-x)"))
     # the paper row is the best row but not ranked; among tuned losses AMAD (55) is 2nd of 3; shd is above kd, head-mean below
-    assert "amad-kl@paper 61.00, +11.00" in line and line.endswith("| 2 of 3 | 1 / 1 |"), line
+    # tuned losses' spread: 60 (shd) - 45 (head-mean)
+    assert "amad-kl@paper 61.00, +11.00" in line and line.endswith("| 2 of 3 | 1 / 1 | 15.00 |"), line
     assert "| shd | 20.0: 60.00 (x0.25) / 40.00 (x16) |" in text and "| amad-kl | - |" in text
+    assert "| (losses worst at) | x16: 1 |" in text  # only shd has a sensitivity
     rows[2]["alpha_complete"] = False  # a run still in progress says so
     (run / "results_fair.json").write_text(json.dumps({"summary": [entry], "rows": rows}))
     assert "| t (fair-x) (incomplete) |" in fair_summary.render_summary(fair_summary.load_runs(tmp_path))

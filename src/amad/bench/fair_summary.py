@@ -3,8 +3,9 @@
 
 Per setting, on its headline metric (the first of its summary): logit KD, the best row of all (a tuned loss or a
 paper-alpha row), the best AMAD row, where the best tuned AMAD variant ranks among the tuned losses, and how many
-tuned losses are above or below KD with a 95 % paired interval that excludes 0. Per tuned loss and setting, its
-sensitivity to alpha: the test mean at its worst and its best factor of the grid.
+tuned losses are above or below KD with a 95 % paired interval that excludes 0, and the spread of the tuned losses
+(best minus worst test mean). Per tuned loss and setting, its sensitivity to alpha: the test mean at its worst and
+its best factor of the grid; per setting, how many losses are worst at which factor.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ Written by `python benchmarks/fair_summary.py` from each `fair-*/results_fair.js
 run's full tables: its `results.md`; its command and reading: `README.md` here). "Best" is the highest
 *test* mean: a description, not a selection (each loss's alpha factor was chosen on validation). "Tuned" rows ran
 at the factor validation chose; `@paper` rows at the paper's alpha. Above / below kd: tuned losses whose paired
-95 % interval to kd excludes 0, on the side named. "(incomplete)": a run still in progress (some factor was
-chosen before every factor had the same seeds).
+95 % interval to kd excludes 0, on the side named. Tuned losses' spread: the best minus the worst tuned loss's test
+mean. "(incomplete)": a run still in progress (some factor was chosen before every factor had the same seeds).
 """
 
 
@@ -74,8 +75,23 @@ def _sides(tuned: Sequence[dict[str, Any]]) -> str:
     return f"{above} / {below}"
 
 
+def _losses_spread(tuned: Sequence[dict[str, Any]]) -> str:
+    return f"{tuned[0]['test']['mean'] - tuned[-1]['test']['mean']:.2f}" if tuned else "n/a"
+
+
+def _sensitivity(row: dict[str, Any]) -> dict[str, Any] | None:
+    return (row.get("sensitivity") or {}).get("test")
+
+
+def _worst_factors(by_method: dict[str, dict[str, Any]]) -> str:
+    """``x16: 6, x0.0625: 1``: how many losses of a setting score worst at each factor, most frequent first."""
+    factors = [test["worst"]["factor"] for test in map(_sensitivity, by_method.values()) if test]
+    counts = sorted({f: factors.count(f) for f in factors}.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"x{factor:g}: {n}" for factor, n in counts) or "-"
+
+
 def _spread(row: dict[str, Any]) -> str:
-    test = (row.get("sensitivity") or {}).get("test")
+    test = _sensitivity(row)
     if not test:
         return "-"
     worst, best = test["worst"], test["best"]
@@ -87,7 +103,8 @@ def render_summary(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """Markdown: the winners table, then the sensitivity table (losses x settings)."""
     lines = [HEADER, "## What wins", "",
              "| setting (run) | metric | kd [95% CI] | best row, - kd [95% CI] | best AMAD row, - kd [95% CI] | "
-             "best tuned AMAD's rank | tuned above / below kd |", "|---|---|---|---|---|---|---|"]
+             "best tuned AMAD's rank | tuned above / below kd | tuned losses' spread |",
+             "|---|---|---|---|---|---|---|---|"]
     columns: list[tuple[str, dict[str, dict[str, Any]]]] = []
     for name, data in runs:
         for entry in data["summary"]:
@@ -96,7 +113,7 @@ def render_summary(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
             unfinished = " (incomplete)" if any(r.get("alpha_complete") is False for r in tuned) else ""
             lines.append(f"| {entry['task']} ({name}){unfinished} | {report.metric_label(entry['metric'])} | "
                          f"{format_interval(entry['kd'])} | {_named(entry['best'])} | {_named(entry['best_amad'])} | "
-                         f"{_amad_rank(tuned)} | {_sides(tuned)} |")
+                         f"{_amad_rank(tuned)} | {_sides(tuned)} | {_losses_spread(tuned)} |")
     methods = list(dict.fromkeys(m for _, by_method in columns for m in by_method))
     lines += ["", "## Sensitivity to alpha", "",
               "Per tuned loss: test mean at its best minus at its worst factor of the grid: best (factor) / worst "
@@ -105,6 +122,7 @@ def render_summary(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     for method in methods:
         cells = [_spread(by_method[method]) if method in by_method else "n/a" for _, by_method in columns]
         lines.append(f"| {method.removeprefix('kd+')} | " + " | ".join(cells) + " |")
+    lines.append("| (losses worst at) | " + " | ".join(_worst_factors(by_method) for _, by_method in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
