@@ -30,7 +30,10 @@ MIN_WORDS = 12
 
 
 def docstrings(module_name: str) -> list[str]:
-    """The module's docstring, then those of its public classes, functions and methods, in source order."""
+    """The module's docstring, then those of its public classes, functions and methods, in source order.
+
+    The same rule as ``amad.bench.llm_text``'s, written again on purpose: this script imports no amad, since
+    importing transformers adds methods to ``logging.Logger`` (``warning_advice``) and so changes the text."""
     module = importlib.import_module(module_name)
     found = [inspect.getdoc(module) or ""]
     for name, value in vars(module).items():

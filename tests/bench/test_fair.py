@@ -299,9 +299,10 @@ def test_protocol_end_to_end_and_an_interrupted_run_gives_the_same_table(tmp_pat
 
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path: Path) -> None:
     from amad.bench.runner import run_lock
+    from amad.cli.errors import ConfigError
 
     with run_lock(tmp_path):
-        with pytest.raises(RuntimeError, match="another amad demo is running on"):
+        with pytest.raises(ConfigError, match="another amad demo is running on"):
             with run_lock(tmp_path):
                 pass
     with run_lock(tmp_path):  # released when the first run ended

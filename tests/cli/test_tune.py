@@ -188,6 +188,19 @@ def test_interrupted_and_stale_trials_run_again(tmp_path: Path, capsys, monkeypa
 
 
 @needs_optuna
+def test_a_second_tune_on_the_same_out_is_refused_before_training(tmp_path: Path, capsys) -> None:
+    from amad.cli.tune_study import locked
+
+    config = tiny_config(tmp_path, {"losses": ["amad-mse"]})
+    out = tmp_path / "tune"
+    out.mkdir()
+    with locked(out):  # as a running amad tune holds it
+        assert main(["tune", str(config), "--out", str(out), *FAST]) == 2
+    assert f"another amad tune is running on {out}" in one_line_error(capsys)
+    assert not (out / "study.db").exists()  # nothing was opened or trained
+
+
+@needs_optuna
 def test_config_errors(tmp_path: Path, capsys) -> None:
     config = tiny_config(tmp_path, {"losses": ["amad-mse"]})
     out = str(tmp_path / "tune")

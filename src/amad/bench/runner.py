@@ -13,11 +13,12 @@ import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+from ..cli.run_dir import exclusive_lock
 from . import fair_report, report
 from .fair import DEFAULT_GRID, expand_methods, variant_order
 from .jobs import EXTRA_METHODS, METHODS, Job, fingerprint, parse_method, quiet, run_job, snapshot_path
@@ -229,26 +230,11 @@ class _Run:
         self.echo(f"{name}: {_format_scores(result['scores'])} ({_timing(result)}); eta {eta}")
 
 
-@contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold ``OUT/run.lock`` (an advisory lock, released with the process even when it is killed) for a run: a
-    second run on the same directory at the same time is refused, since both would rewrite results.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(out / "run.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another amad demo is running on {out} (it holds {out / 'run.lock'}): run the "
-                               "commands of one --out one after the other, or give this one another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def run_lock(out: Path) -> AbstractContextManager[None]:
+    """Hold ``OUT/run.lock`` for a run: a second run on the same directory at the same time is refused, since both
+    would rewrite results.json."""
+    return exclusive_lock(out / "run.lock", f"another amad demo is running on {out} (it holds {out / 'run.lock'}): "
+                          "run the commands of one --out one after the other, or give this one another --out")
 
 
 def run_demo(settings: DemoSettings) -> DemoSummary:

@@ -8,17 +8,19 @@
 - The directories are created and a probe file is written and removed, so an
   unwritable directory is a config error, not a failure at the first checkpoint.
 - On Ctrl-C, :func:`resume_hint` says which checkpoint exists and how to resume.
+- :func:`exclusive_lock`: one process at a time on a directory (``amad tune``, ``amad demo``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..checkpoints import checkpoint_dirs, latest_complete_checkpoint, missing_files, staging_dirs
 from ..trainer import DISTILLER_STATE_NAME, TRAINING_ARGS_NAME, DistillationTrainer
@@ -38,6 +40,28 @@ RUN_OUTPUTS = (
     "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "preprocessor_config.json",
     "processor_config.json", "chat_template.jinja",
 )  # fmt: skip
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, busy: str) -> Iterator[None]:
+    """Hold an advisory ``flock`` on ``lock_file`` while the block runs (the system releases it with the process,
+    even a killed one, so a lock file left behind never blocks a later run); ``ConfigError(busy)`` when another
+    process holds it. Not POSIX (no ``fcntl``): nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check_writable(directory: Path, key: str) -> None:

@@ -7,9 +7,10 @@ import contextlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .tune_report import Row
+from .run_dir import exclusive_lock
 from .typed import ConfigError
 
 __all__ = ["STUDY_DB", "STUDY_NAME", "make_sampler", "open_study", "recover", "locked", "study_rows", "completed"]
@@ -75,20 +76,9 @@ def recover(optuna: Any, study: Any, storage: Any) -> int:
     return queued
 
 
-@contextlib.contextmanager
-def locked(out: Path) -> Iterator[None]:
+def locked(out: Path) -> contextlib.AbstractContextManager[None]:
     """One ``amad tune`` per directory at a time (so a trial found running is surely stale)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(out / ".tune.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"--out: another amad tune is running on {out}") from None
-        yield
+    return exclusive_lock(out / ".tune.lock", f"--out: another amad tune is running on {out}")
 
 
 def completed(optuna: Any, study: Any) -> int:
