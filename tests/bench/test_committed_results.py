@@ -90,3 +90,15 @@ def test_the_documented_summary_command_writes_the_committed_file(tmp_path: Path
     script = RESULTS.parents[1] / "benchmarks" / "fair_summary.py"
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
     assert (tmp_path / "summary.md").read_text() == (RESULTS / "summary.md").read_text()
+
+
+def test_the_paired_difference_command_reproduces_the_quoted_numbers() -> None:
+    script = RESULTS.parents[1] / "benchmarks" / "paired_difference.py"
+    results = RESULTS / "fair-shapes-translation" / "results.json"
+    run = subprocess.run([sys.executable, str(script), str(results), "translation-pretrained", "bleu",
+                          "kd+head-mean@x1", "kd+amad-kl@x1"], check=True, capture_output=True, text=True)
+    # quoted in docs/results/README.md and the README
+    assert run.stdout.splitlines()[-1] == "kd+head-mean@x1 - kd+amad-kl@x1: +0.83 [-1.41, +3.07] over 3 seeds"
+    wrong = subprocess.run([sys.executable, str(script), str(results), "translation", "bleu", "kd+head-mean",
+                            "kd"], capture_output=True, text=True)
+    assert wrong.returncode != 0 and "no 'bleu' record of 'kd+head-mean' for task 'translation'" in wrong.stderr

@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .tune_report import Row
 from .run_dir import exclusive_lock
+from .tune_report import Row
 from .typed import ConfigError
 
 __all__ = ["STUDY_DB", "STUDY_NAME", "make_sampler", "open_study", "recover", "locked", "study_rows", "completed"]
