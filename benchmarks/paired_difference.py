@@ -29,4 +29,6 @@ if __name__ == "__main__":
     for seed in sorted(set(a) | set(b)):
         print(f"seed {seed}: {first} {a.get(seed, float('nan')):.2f}, {second} {b.get(seed, float('nan')):.2f}")
     d = report.paired_difference(a, b)
+    if d is None:
+        raise SystemExit(f"{first} and {second} share no seed: nothing to pair")
     print(f"{first} - {second}: {d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}] over {d.n} seeds")
