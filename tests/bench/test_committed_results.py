@@ -16,13 +16,15 @@ from amad.bench.runner import write_outputs
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 FAIR_RUNS = sorted(p for p in RESULTS.glob("fair-*") if (p / "results.json").exists())
+# Probes beside the fair runs (same record format, not in summary.md): the weight below the grid's lower end.
+PROBE_RUNS = [RESULTS / "minilm-below-grid"]
 
 
 def test_there_are_committed_fair_runs() -> None:
     assert len(FAIR_RUNS) >= 3, FAIR_RUNS
 
 
-@pytest.mark.parametrize("committed", FAIR_RUNS, ids=lambda p: p.name)
+@pytest.mark.parametrize("committed", FAIR_RUNS + PROBE_RUNS, ids=lambda p: p.name)
 def test_committed_tables_are_rewritten_identically_from_their_records(committed: Path, tmp_path: Path) -> None:
     for name in ("results.json", "run.json"):
         shutil.copy(committed / name, tmp_path / name)
