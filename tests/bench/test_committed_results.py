@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from amad.bench import fair_summary, report
-from amad.bench.minilm_run import TASK_PREFIX, write_text_outputs
-from amad.bench.runner import write_outputs
+from amad.bench.minilm_run import write_run_outputs
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
 FAIR_RUNS = sorted(p for p in RESULTS.glob("fair-*") if (p / "results.json").exists())
@@ -28,13 +27,7 @@ def test_there_are_committed_fair_runs() -> None:
 def test_committed_tables_are_rewritten_identically_from_their_records(committed: Path, tmp_path: Path) -> None:
     for name in ("results.json", "run.json"):
         shutil.copy(committed / name, tmp_path / name)
-    tasks = {r["task"] for r in report.load_results(tmp_path / "results.json")}
-    real = {t.startswith(TASK_PREFIX) for t in tasks}
-    assert len(real) == 1, f"{committed} mixes MiniLM and Shapes records: {sorted(tasks)}"
-    if real.pop():
-        write_text_outputs(tmp_path, plots=False)
-    else:
-        write_outputs(tmp_path, plots=False)
+    write_run_outputs(tmp_path, plots=False)
     for name in ("results.md", "results_fair.json"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), f"{committed / name} was edited " \
             f"or written by other code: rerun its command (docs/results/README.md) to rewrite it from results.json"
@@ -104,3 +97,49 @@ def test_the_paired_difference_command_reproduces_the_quoted_numbers() -> None:
     wrong = subprocess.run([sys.executable, str(script), str(results), "translation", "bleu", "kd+head-mean",
                             "kd"], capture_output=True, text=True)
     assert wrong.returncode != 0 and "no 'bleu' record of 'kd+head-mean' for task 'translation'" in wrong.stderr
+
+
+def _commit_run(*args: str) -> subprocess.CompletedProcess:
+    script = RESULTS.parents[1] / "benchmarks" / "commit_run.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+
+
+def test_commit_run_adds_a_finished_task_and_keeps_the_committed_ones_and_their_maps(tmp_path: Path) -> None:
+    source, task = RESULTS / "fair-minilm", "minilm-text-h4-d384-l3"
+    run, committed = tmp_path / "runs" / "fair-minilm", tmp_path / "results" / "fair-minilm"
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("plots"))
+    shutil.copytree(source, committed)
+    records = report.load_results(source / "results.json")
+    report.save_results(committed / "results.json", [r for r in records if r["task"] != task])
+    budgets = json.loads((source / "run.json").read_text())
+    budget = budgets["budgets"].pop(task)
+    (committed / "run.json").write_text(json.dumps(budgets))
+    maps = sorted(p.name for p in (source / "plots").glob("*-pair*-maps.png"))
+    assert maps  # drawn when the runs ran; their snapshots are not committed, so they must survive a rewrite
+
+    done = _commit_run(str(run), str(committed), task)
+    assert done.returncode == 0, done.stderr
+    assert sorted(map(json.dumps, report.load_results(committed / "results.json"))) == sorted(map(json.dumps, records))
+    assert json.loads((committed / "run.json").read_text())["budgets"][task] == budget
+    for name in ("results.md", "results_fair.json"):
+        assert (committed / name).read_text() == (source / name).read_text()
+    assert sorted(p.name for p in (committed / "plots").glob("*-pair*-maps.png")) == maps
+    assert not (committed / "cache").exists() and (tmp_path / "results" / "summary.md").exists()
+    absent = _commit_run(str(run), str(committed), "minilm-text-h9-d9-l9")
+    assert absent.returncode != 0 and "holds no record of ['minilm-text-h9-d9-l9']" in absent.stderr
+
+
+def test_commit_run_saves_an_unfinished_run_that_resumes_from_a_copy(tmp_path: Path) -> None:
+    run, saved = tmp_path / "runs" / "fair-minilm", tmp_path / "unfinished" / "fair-minilm"
+    (run / "cache" / "alpha").mkdir(parents=True)
+    (run / "cache" / "teacher").mkdir()
+    shutil.copy(RESULTS / "fair-minilm" / "results.json", run)
+    shutil.copy(RESULTS / "fair-minilm" / "run.json", run)
+    (run / "cache" / "alpha" / "t__kd_amad-kl__seed0.json").write_text("[0.5]")
+    (run / "cache" / "teacher" / "big.bin").write_bytes(b"0" * 10)
+    done = _commit_run("--unfinished", str(run), str(saved))
+    assert done.returncode == 0, done.stderr
+    assert (saved / "results.json").read_bytes() == (run / "results.json").read_bytes()
+    assert (saved / "cache" / "alpha" / "t__kd_amad-kl__seed0.json").read_text() == "[0.5]"
+    assert not (saved / "cache" / "teacher").exists()  # only what a rerun cannot recompute cheaply
+    assert "cp -r" in done.stdout

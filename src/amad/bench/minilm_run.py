@@ -28,7 +28,9 @@ from .jobs import fingerprint, parse_method, snapshot_path
 from .minilm_experiment import (  # noqa: F401  (BUDGETS, TextExperiment: used by benchmarks/)
     BUDGETS, DEFAULT_SEEDS, FULL_SETTINGS, UNTRAINED, TextBudget, TextExperiment, parse_setting,
 )
-from .runner import DemoSummary, Pool, _check_run_file, _duration, run_lock, seed_range, write_plots
+from .runner import (
+    DemoSummary, Pool, _check_run_file, _duration, run_lock, seed_range, write_outputs, write_plots,
+)
 
 TASK_PREFIX = "minilm-text"
 METHODS: tuple[str, ...] = (
@@ -247,6 +249,18 @@ def write_text_outputs(out: Path, plots: bool = True, task_order: Sequence[str] 
         selected = [r for r in fair_report.selected_records(records) if r["metric"] in FAIR_METRICS]
         write_plots(out, selected, variant_order(method_order, factors))
     return table
+
+
+def write_run_outputs(out: Path, plots: bool = True) -> Path:
+    """results.md (and plots) of a results directory of either benchmark from its records alone: MiniLM's tables
+    when its tasks are MiniLM's, the Shapes demo's otherwise."""
+    path = out / "results.json"
+    tasks = {r["task"] for r in report.load_results(path)}
+    kinds = {t.startswith(TASK_PREFIX) for t in tasks}
+    if len(kinds) != 1:
+        raise ValueError(f"{path} mixes MiniLM and Shapes records, or has none (tasks: {sorted(tasks)}); keep each "
+                         "benchmark's records in a directory of its own")
+    return write_text_outputs(out, plots) if kinds.pop() else write_outputs(out, plots)
 
 
 def _describe(setting: str) -> str:

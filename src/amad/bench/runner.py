@@ -309,11 +309,13 @@ def write_plots(out: Path, records: list[dict], method_order: Sequence[str]) -> 
     those of a former best)."""
     report.plot_metric_bars(records, out / "plots", method_order=method_order)
     for task, (method, seed) in report.best_amad_runs(records).items():
+        name = f"{task}-{method.replace('+', '_')}-seed{seed}"
         for stale in (out / "plots").glob(f"{task}-kd_amad-*-seed*-pair*-*.png"):  # a former best's maps
-            stale.unlink()
+            if not stale.name.startswith(f"{name}-pair"):
+                stale.unlink()
         path = snapshot_path(out, task, method, seed)
-        if path.is_file():
-            report.plot_snapshot(path, out / "plots", f"{task}-{method.replace('+', '_')}-seed{seed}")
+        if path.is_file():  # absent where the snapshot was not kept: the best's maps drawn before stay
+            report.plot_snapshot(path, out / "plots", name)
 
 
 def _description(name: str) -> str:

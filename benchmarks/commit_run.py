@@ -1,0 +1,74 @@
+"""Commit the finished settings of a benchmark run, or save a run still going so that a fresh checkout resumes it.
+
+    python benchmarks/commit_run.py RUN COMMITTED TASK [TASK ...]
+        TASK's records, run.json budgets and attention snapshots from RUN (an --out) into COMMITTED (e.g.
+        docs/results/fair-minilm; its other tasks' records stay); rewrites its tables and plots, then
+        docs/results/summary.md
+    python benchmarks/commit_run.py --unfinished RUN SAVED
+        RUN's records, run.json and measured alphas and snapshots (cache/alpha, cache/snapshots) into SAVED
+        (e.g. docs/results/unfinished/fair-minilm); on a fresh checkout `mkdir -p runs && cp -r SAVED runs/`
+        and rerun the run's command: it skips every saved cell
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from amad.bench import report
+from amad.bench.fair_summary import write_summary
+from amad.bench.minilm_run import write_run_outputs
+
+KEPT_CACHE = ("alpha", "snapshots")
+
+
+def _task_files(folder: Path, tasks: list[str]) -> list[Path]:
+    return [p for t in tasks for p in sorted(folder.glob(f"{t}__*"))]
+
+
+def commit(run: Path, committed: Path, tasks: list[str]) -> None:
+    records = report.load_results(run / "results.json")
+    missing = sorted(set(tasks) - {r["task"] for r in records})
+    if missing:
+        raise SystemExit(f"{run / 'results.json'} holds no record of {missing}; its tasks: "
+                         f"{sorted({r['task'] for r in records})}")
+    committed.mkdir(parents=True, exist_ok=True)
+    kept = [r for r in report.load_results(committed / "results.json") if r["task"] not in tasks]
+    report.save_results(committed / "results.json", kept + [r for r in records if r["task"] in tasks])
+    source = json.loads((run / "run.json").read_text())
+    target = committed / "run.json"
+    stored = json.loads(target.read_text()) if target.exists() else {"scale": source["scale"], "budgets": {}}
+    if stored["scale"] != source["scale"]:
+        raise SystemExit(f"{target} is of scale {stored['scale']!r}, {run} of {source['scale']!r}: commit it elsewhere")
+    stored["budgets"].update({t: source["budgets"][t] for t in tasks})
+    target.write_text(json.dumps(stored, indent=1, sort_keys=True))
+    snapshots = committed / "cache" / "snapshots"  # only while the plots are drawn: the maps are committed
+    snapshots.mkdir(parents=True, exist_ok=True)
+    for path in _task_files(run / "cache" / "snapshots", tasks):
+        shutil.copy(path, snapshots / path.name)
+    try:
+        table = write_run_outputs(committed)
+    finally:
+        shutil.rmtree(committed / "cache")
+    print(f"{len(tasks)} task(s) into {committed}: {table}; {write_summary(committed.parent)}")
+
+
+def save_unfinished(run: Path, saved: Path) -> None:
+    saved.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "run.json"):
+        shutil.copy(run / name, saved / name)
+    for sub in KEPT_CACHE:
+        if (run / "cache" / sub).is_dir():
+            shutil.copytree(run / "cache" / sub, saved / "cache" / sub, dirs_exist_ok=True)
+    cells = {(r["task"], r["method"], r["seed"]) for r in report.load_results(saved / "results.json")}
+    print(f"{len(cells)} cells saved in {saved}; resume: mkdir -p runs && cp -r {saved} runs/")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--unfinished"] and len(args) == 3:
+        save_unfinished(Path(args[1]), Path(args[2]))
+    elif len(args) >= 3 and not args[0].startswith("-"):
+        commit(Path(args[0]), Path(args[1]), args[2:])
+    else:
+        raise SystemExit(__doc__)
