@@ -32,6 +32,9 @@ def commit(run: Path, committed: Path, tasks: list[str]) -> None:
     if missing:
         raise SystemExit(f"{run / 'results.json'} holds no record of {missing}; its tasks: "
                          f"{sorted({r['task'] for r in records})}")
+    if (committed / "cache").exists():
+        raise SystemExit(f"{committed} has a cache/ folder, so it is a run's --out, not a committed run: commit into "
+                         "a directory of docs/results")
     committed.mkdir(parents=True, exist_ok=True)
     kept = [r for r in report.load_results(committed / "results.json") if r["task"] not in tasks]
     report.save_results(committed / "results.json", kept + [r for r in records if r["task"] in tasks])

@@ -108,6 +108,7 @@ def test_commit_run_adds_a_finished_task_and_keeps_the_committed_ones_and_their_
     source, task = RESULTS / "fair-minilm", "minilm-text-h4-d384-l3"
     run, committed = tmp_path / "runs" / "fair-minilm", tmp_path / "results" / "fair-minilm"
     shutil.copytree(source, run, ignore=shutil.ignore_patterns("plots"))
+    (run / "cache" / "alpha").mkdir(parents=True)
     shutil.copytree(source, committed)
     records = report.load_results(source / "results.json")
     report.save_results(committed / "results.json", [r for r in records if r["task"] != task])
@@ -127,6 +128,8 @@ def test_commit_run_adds_a_finished_task_and_keeps_the_committed_ones_and_their_
     assert not (committed / "cache").exists() and (tmp_path / "results" / "summary.md").exists()
     absent = _commit_run(str(run), str(committed), "minilm-text-h9-d9-l9")
     assert absent.returncode != 0 and "holds no record of ['minilm-text-h9-d9-l9']" in absent.stderr
+    into_a_run = _commit_run(str(committed), str(run), task)
+    assert into_a_run.returncode != 0 and "is a run's --out" in into_a_run.stderr
 
 
 def test_commit_run_saves_an_unfinished_run_that_resumes_from_a_copy(tmp_path: Path) -> None:
