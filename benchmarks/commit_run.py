@@ -26,23 +26,37 @@ def _task_files(folder: Path, tasks: list[str]) -> list[Path]:
     return [p for t in tasks for p in sorted(folder.glob(f"{t}__*"))]
 
 
+FAIR_SEEDS = 3  # the fair protocol reports a setting on 3 seeds (docs/fair_protocol.md)
+
+
+def _cells(path: Path) -> set[tuple[str, str, int]]:
+    return {(r["task"], r["method"], r["seed"]) for r in report.load_results(path)}
+
+
 def commit(run: Path, committed: Path, tasks: list[str]) -> None:
+    """Every check first, then ``committed`` is written."""
     records = report.load_results(run / "results.json")
     missing = sorted(set(tasks) - {r["task"] for r in records})
     if missing:
         raise SystemExit(f"{run / 'results.json'} holds no record of {missing}; its tasks: "
                          f"{sorted({r['task'] for r in records})}")
+    short = {t: sorted({r["seed"] for r in records if r["task"] == t and r["method"] == "kd"}) for t in tasks}
+    short = {t: seeds for t, seeds in short.items() if len(seeds) < FAIR_SEEDS}
+    if short:
+        raise SystemExit(f"not finished (kd seeds {short}, the fair protocol reports {FAIR_SEEDS}): save it with "
+                         f"--unfinished and commit it when its later seeds are in")
     if (committed / "cache").exists():
         raise SystemExit(f"{committed} has a cache/ folder, so it is a run's --out, not a committed run: commit into "
                          "a directory of docs/results")
-    committed.mkdir(parents=True, exist_ok=True)
-    kept = [r for r in report.load_results(committed / "results.json") if r["task"] not in tasks]
-    report.save_results(committed / "results.json", kept + [r for r in records if r["task"] in tasks])
     source = json.loads((run / "run.json").read_text())
     target = committed / "run.json"
     stored = json.loads(target.read_text()) if target.exists() else {"scale": source["scale"], "budgets": {}}
-    if stored["scale"] != source["scale"]:
-        raise SystemExit(f"{target} is of scale {stored['scale']!r}, {run} of {source['scale']!r}: commit it elsewhere")
+    if stored["scale"] != source["scale"] or set(tasks) - set(source["budgets"]):
+        raise SystemExit(f"{target} is of scale {stored['scale']!r}, {run} of {source['scale']!r} with budgets for "
+                         f"{sorted(source['budgets'])}: commit {tasks} elsewhere, or from the run that made them")
+    committed.mkdir(parents=True, exist_ok=True)
+    kept = [r for r in report.load_results(committed / "results.json") if r["task"] not in tasks]
+    report.save_results(committed / "results.json", kept + [r for r in records if r["task"] in tasks])
     stored["budgets"].update({t: source["budgets"][t] for t in tasks})
     target.write_text(json.dumps(stored, indent=1, sort_keys=True))
     snapshots = committed / "cache" / "snapshots"  # only while the plots are drawn: the maps are committed
@@ -57,14 +71,17 @@ def commit(run: Path, committed: Path, tasks: list[str]) -> None:
 
 
 def save_unfinished(run: Path, saved: Path) -> None:
+    lost = _cells(saved / "results.json") - _cells(run / "results.json")
+    if lost:
+        raise SystemExit(f"{saved} holds {len(lost)} cells that {run} lacks (e.g. {sorted(lost)[0]}): saving would "
+                         f"drop them; resume from {saved} first (mkdir -p runs && cp -r {saved} runs/)")
     saved.mkdir(parents=True, exist_ok=True)
     for name in ("results.json", "run.json"):
         shutil.copy(run / name, saved / name)
     for sub in KEPT_CACHE:
         if (run / "cache" / sub).is_dir():
             shutil.copytree(run / "cache" / sub, saved / "cache" / sub, dirs_exist_ok=True)
-    cells = {(r["task"], r["method"], r["seed"]) for r in report.load_results(saved / "results.json")}
-    print(f"{len(cells)} cells saved in {saved}; resume: mkdir -p runs && cp -r {saved} runs/")
+    print(f"{len(_cells(saved / 'results.json'))} cells saved in {saved}; resume: mkdir -p runs && cp -r {saved} runs/")
 
 
 if __name__ == "__main__":

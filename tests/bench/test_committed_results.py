@@ -130,6 +130,11 @@ def test_commit_run_adds_a_finished_task_and_keeps_the_committed_ones_and_their_
     assert absent.returncode != 0 and "holds no record of ['minilm-text-h9-d9-l9']" in absent.stderr
     into_a_run = _commit_run(str(committed), str(run), task)
     assert into_a_run.returncode != 0 and "is a run's --out" in into_a_run.stderr
+    seed0 = [r for r in records if r["task"] != task or r["seed"] == 0]
+    report.save_results(run / "results.json", seed0)
+    early = _commit_run(str(run), str(tmp_path / "results" / "other"), task)
+    assert early.returncode != 0 and f"not finished (kd seeds {{'{task}': [0]}}" in early.stderr
+    assert not (tmp_path / "results" / "other").exists()
 
 
 def test_commit_run_saves_an_unfinished_run_that_resumes_from_a_copy(tmp_path: Path) -> None:
@@ -146,3 +151,7 @@ def test_commit_run_saves_an_unfinished_run_that_resumes_from_a_copy(tmp_path: P
     assert (saved / "cache" / "alpha" / "t__kd_amad-kl__seed0.json").read_text() == "[0.5]"
     assert not (saved / "cache" / "teacher").exists()  # only what a rerun cannot recompute cheaply
     assert "cp -r" in done.stdout
+    report.save_results(run / "results.json", report.load_results(run / "results.json")[:-9])  # an older run
+    older = _commit_run("--unfinished", str(run), str(saved))
+    assert older.returncode != 0 and "that" in older.stderr and "lacks" in older.stderr
+    assert (saved / "results.json").read_bytes() != (run / "results.json").read_bytes()  # nothing overwritten
