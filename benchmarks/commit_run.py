@@ -45,6 +45,16 @@ def commit(run: Path, committed: Path, tasks: list[str]) -> None:
     if short:
         raise SystemExit(f"not finished (kd seeds {short}, the fair protocol reports {FAIR_SEEDS}): save it with "
                          f"--unfinished and commit it when its later seeds are in")
+    for t in tasks:  # a later seed stopped part-way would enter the tables with fewer seeds for some losses
+        by_seed = {}
+        for r in records:
+            if r["task"] == t:
+                by_seed.setdefault(r["seed"], set()).add(r["method"])
+        later = set().union(*(m for seed, m in by_seed.items() if seed > 0))
+        gaps = {seed: sorted(later - m) for seed, m in sorted(by_seed.items()) if later - m}
+        if gaps:
+            raise SystemExit(f"{t} is not finished: cells missing by seed {gaps}; rerun its commands (they skip "
+                             "finished cells), or save it with --unfinished")
     if (committed / "cache").exists():
         raise SystemExit(f"{committed} has a cache/ folder, so it is a run's --out, not a committed run: commit into "
                          "a directory of docs/results")

@@ -135,6 +135,12 @@ def test_commit_run_adds_a_finished_task_and_keeps_the_committed_ones_and_their_
     early = _commit_run(str(run), str(tmp_path / "results" / "other"), task)
     assert early.returncode != 0 and f"not finished (kd seeds {{'{task}': [0]}}" in early.stderr
     assert not (tmp_path / "results" / "other").exists()
+    last = next(r for r in records if r["task"] == task and r["seed"] == 2 and r["method"] not in ("kd", "init"))
+    report.save_results(run / "results.json", [r for r in records if r["task"] != task or r["seed"] != 2
+                                               or r["method"] != last["method"]])
+    gap = _commit_run(str(run), str(tmp_path / "results" / "other"), task)
+    assert gap.returncode != 0 and f"cells missing by seed {{2: ['{last['method']}']}}" in gap.stderr
+    assert not (tmp_path / "results" / "other").exists()
 
 
 def test_commit_run_saves_an_unfinished_run_that_resumes_from_a_copy(tmp_path: Path) -> None:
